@@ -1,0 +1,68 @@
+"""One typed settings object for the whole system (env prefix ``FACEREID_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where data lives, how to reach it and where jobs run.
+
+    Every field can be set as ``FACEREID_<FIELD>`` in the environment or a ``.env`` file.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FACEREID_", env_file=".env", extra="ignore")
+
+    storage_uri: str = Field(
+        default="file://./var/storage",
+        description="Root of all objects: file:///abs/dir, file://./rel/dir or s3://bucket/prefix",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint override (moto, MinIO); None = real AWS"
+    )
+    aws_region: str = Field(default="us-east-1", description="AWS region for S3 and SageMaker")
+    lfw_data_home: str | None = Field(
+        default=None,
+        description="scikit-learn data_home holding lfw_home/ (None = sklearn's default)",
+    )
+    cache_dir: str = Field(
+        default="./var/cache", description="Writable scratch space (sklearn joblib cache, models)"
+    )
+    backend: Literal["local", "sagemaker"] = Field(
+        default="local", description="Where training and batch inference run"
+    )
+    sagemaker_role_arn: str = Field(
+        default="arn:aws:iam::123456789012:role/facereid-sagemaker",
+        description="Execution role SageMaker jobs assume",
+    )
+    sagemaker_instance_type: str = Field(default="ml.m5.xlarge")
+    sagemaker_gpu_instance_type: str = Field(default="ml.g5.xlarge")
+    sagemaker_job_timeout_s: int = Field(default=6 * 3600)
+    verify_allowed_prefixes: list[str] = Field(
+        default_factory=lambda: ["incoming/", "images/", "uploads/"],
+        description="Key prefixes in the storage bucket that pair lists may reference",
+    )
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _check_scheme(cls, value: str) -> str:
+        if not (value.startswith("file://") or value.startswith("s3://")):
+            raise ValueError(
+                f"storage_uri must start with file:// or s3://, got {value!r}"
+            )
+        return value.rstrip("/")
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process; tests call ``get_settings.cache_clear()``."""
+    return Settings()

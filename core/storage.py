@@ -1,0 +1,362 @@
+"""Object storage behind one small interface: a local directory or S3.
+
+Both implementations use the same key layout (``datasets/...``, ``models/...``), so a
+local root is a faithful mirror of a bucket. Clients are built when a Storage is
+constructed, never at import time. Parquet goes through ``pyarrow.fs`` only (one
+filesystem layer; s3fs trips over the empty "directory" objects pyarrow writes).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class StorageError(RuntimeError):
+    """Storage could not be reached or an object could not be read or written."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """The requested key does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class Storage(Protocol):
+    uri: str
+
+    def get_bytes(self, key: str) -> bytes: ...
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def put_if_absent(self, key: str, data: bytes) -> bool: ...
+    def exists(self, key: str) -> bool: ...
+    def head(self, key: str) -> ObjectInfo: ...
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def copy(self, src: str, dst: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def url_for(self, key: str) -> str: ...
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]: ...
+
+
+class _ParquetMixin:
+    """Parquet and JSON helpers shared by both storages."""
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError  # pragma: no cover
+
+    def write_parquet(self, key: str, table: pa.Table, **kwargs: Any) -> None:
+        """Serialise in memory, then publish in one put (never a partial object)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression=kwargs.pop("compression", "zstd"), **kwargs)
+        self.put_bytes(key, buf.getvalue(), "application/vnd.apache.parquet")
+
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one Parquet object, or every ``*.parquet`` under a prefix ending in '/'."""
+        fs, base = self.arrow_fs()
+        path = posixpath.join(base, key) if base else key
+        if key.endswith("/"):
+            dataset = pq.ParquetDataset(path.rstrip("/"), filesystem=fs)
+            return dataset.read(columns=columns)
+        try:
+            return pq.read_table(path, filesystem=fs, columns=columns)
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
+
+    def url_for(self, key: str) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class LocalStorage(_ParquetMixin):
+    """A directory whose relative paths are the object keys."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def url_for(self, key: str) -> str:
+        return f"file://{self._path(key)}"
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)  # atomic publish
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        try:
+            os.link(tmp, path)  # fails if the target exists: an atomic conditional create
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def head(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
+        return ObjectInfo(key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self.root / prefix if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    st = full.stat()
+                    yield ObjectInfo(
+                        key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
+                    )
+
+    def copy(self, src: str, dst: str) -> None:
+        self.put_bytes(dst, self.get_bytes(src))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), str(self.root)
+
+
+def _local_etag(st: os.stat_result) -> str:
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+class S3Storage(_ParquetMixin):
+    """A bucket (and optional key prefix) reached through boto3 and pyarrow.fs."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        client: Any = None,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = client or boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=32,
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _unkey(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _wrap(self, exc: Exception, key: str) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(f"{self.url_for(key)} does not exist")
+            return StorageError(f"S3 error {code} on {self.url_for(key)}: {exc}")
+        if isinstance(exc, EndpointConnectionError):
+            return StorageError(
+                f"cannot reach S3 endpoint {self.endpoint_url or 'AWS'} for {self.url_for(key)}"
+            )
+        return StorageError(f"S3 failure on {self.url_for(key)} via {self.endpoint_url}: {exc}")
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+            return True
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise self._wrap(exc, key) from exc
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+        return ObjectInfo(key, r["ContentLength"], r["ETag"].strip('"'), r["LastModified"])
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full_prefix = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # "directory" markers
+                    yield ObjectInfo(
+                        self._unkey(obj["Key"]),
+                        obj["Size"],
+                        obj["ETag"].strip('"'),
+                        obj["LastModified"],
+                    )
+        except Exception as exc:
+            raise self._wrap(exc, prefix) from exc
+
+    def copy(self, src: str, dst: str) -> None:
+        try:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._key(dst),
+                CopySource={"Bucket": self.bucket, "Key": self._key(src)},
+            )
+        except Exception as exc:
+            raise self._wrap(exc, src) from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        kwargs: dict[str, Any] = {"region": self.region}
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            kwargs["endpoint_override"] = parsed.netloc
+            kwargs["scheme"] = parsed.scheme or "http"
+        creds = self.client._request_signer._credentials  # same credentials as boto3
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            kwargs.update(
+                access_key=frozen.access_key,
+                secret_key=frozen.secret_key,
+                session_token=frozen.token,
+            )
+        base = f"{self.bucket}/{self.prefix}".rstrip("/")
+        return pafs.S3FileSystem(**kwargs), base
+
+
+def storage_from_uri(
+    uri: str, *, endpoint_url: str | None = None, region: str = "us-east-1"
+) -> LocalStorage | S3Storage:
+    """Build a storage from ``file://...`` or ``s3://bucket/prefix``."""
+    if uri.startswith("file://"):
+        path = uri[len("file://") :]
+        return LocalStorage(path or ".")
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise ValueError(f"S3 storage URI needs a bucket: {uri!r}")
+        return S3Storage(
+            parsed.netloc, parsed.path.lstrip("/"), endpoint_url=endpoint_url, region=region
+        )
+    raise ValueError(f"unsupported storage URI {uri!r} (use file:// or s3://)")
+
+
+def get_storage(settings: Any = None) -> LocalStorage | S3Storage:
+    """The storage named by the settings (built fresh: no global client)."""
+    if settings is None:
+        from core.settings import get_settings
+
+        settings = get_settings()
+    return storage_from_uri(
+        settings.storage_uri, endpoint_url=settings.s3_endpoint_url, region=settings.aws_region
+    )
