@@ -1,0 +1,115 @@
+"""The processed ledger and the "announced" markers, kept as small objects in storage.
+
+A list is identified by its key *and* its ETag, so an edited list (new ETag) is processed
+again while an unchanged one never is. Entries are written with ``put_if_absent`` (an
+atomic conditional create), so two concurrent runs cannot both record the same list, and a
+re-run after a crash between "results published" and "ledger written" simply writes the
+entry it missed.
+
+Layout::
+
+    processed/<list key>/<etag>.json    done: run id, result keys, model, counts
+    events/announced/<list key>/<etag>.json   the poller emitted an event for this version
+    rejected/<name>  +  rejected/<name>.error.json   lists that could not be parsed
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from core.pairlists import is_pair_list
+from core.storage import ObjectInfo, ObjectNotFound
+
+INCOMING = "incoming/"
+PROCESSED = "processed/"
+ANNOUNCED = "events/announced/"
+REJECTED = "rejected/"
+
+_SAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+def _etag_part(etag: str) -> str:
+    return _SAFE.sub("_", etag.strip('"')) or "noetag"
+
+
+def ledger_key(list_key: str, etag: str) -> str:
+    return f"{PROCESSED}{list_key}/{_etag_part(etag)}.json"
+
+
+def announced_key(list_key: str, etag: str) -> str:
+    return f"{ANNOUNCED}{list_key}/{_etag_part(etag)}.json"
+
+
+def is_processed(storage: Any, list_key: str, etag: str) -> bool:
+    return bool(storage.exists(ledger_key(list_key, etag)))
+
+
+def read_entry(storage: Any, list_key: str, etag: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.get_bytes(ledger_key(list_key, etag)))
+    except ObjectNotFound:
+        return None
+
+
+def record_processed(storage: Any, list_key: str, etag: str, entry: dict[str, Any]) -> bool:
+    """Write the ledger entry once; False when it already existed (a concurrent/earlier run)."""
+    body = {"list_key": list_key, "etag": etag, **entry}
+    body.setdefault("recorded_at", datetime.now(UTC).isoformat())
+    data = json.dumps(body, indent=2, sort_keys=True, default=str).encode()
+    return bool(storage.put_if_absent(ledger_key(list_key, etag), data))
+
+
+def mark_announced(storage: Any, list_key: str, etag: str) -> bool:
+    """True the first time a list version is announced, False ever after."""
+    data = json.dumps(
+        {"list_key": list_key, "etag": etag, "announced_at": datetime.now(UTC).isoformat()}
+    ).encode()
+    return bool(storage.put_if_absent(announced_key(list_key, etag), data))
+
+
+def incoming_lists(storage: Any, prefix: str = INCOMING) -> list[ObjectInfo]:
+    """Every pair list under ``incoming/``, oldest first (ties broken by key)."""
+    infos = [info for info in storage.list(prefix) if is_pair_list(info.key)]
+    return sorted(infos, key=lambda i: (i.last_modified, i.key))
+
+
+def pending_lists(storage: Any, prefix: str = INCOMING) -> Iterator[ObjectInfo]:
+    """Lists whose current version has no ledger entry, oldest first."""
+    for info in incoming_lists(storage, prefix):
+        if not is_processed(storage, info.key, info.etag):
+            yield info
+
+
+def rejected_key(list_key: str) -> str:
+    name = list_key[len(INCOMING) :] if list_key.startswith(INCOMING) else list_key
+    return f"{REJECTED}{name}"
+
+
+def reject_list(
+    storage: Any, info: ObjectInfo, error: str, run_context: dict[str, Any] | None = None
+) -> str:
+    """Move an unparseable list to ``rejected/<name>`` with ``<name>.error.json`` beside it.
+
+    The report is written first and the original deleted last, so a crash leaves the list
+    in ``incoming/`` (it is rejected again next run) rather than losing it.
+    """
+    dest = rejected_key(info.key)
+    report = {
+        "list_key": info.key,
+        "etag": info.etag,
+        "size": info.size,
+        "rejected_key": dest,
+        "error": error,
+        "rejected_at": datetime.now(UTC).isoformat(),
+        **(run_context or {}),
+    }
+    storage.copy(info.key, dest)
+    storage.put_bytes(
+        dest + ".error.json", json.dumps(report, indent=2).encode(), "application/json"
+    )
+    storage.delete(info.key)
+    return dest

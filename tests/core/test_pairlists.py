@@ -1,0 +1,116 @@
+"""Pair-list parsing: whole-list errors raise, bad rows are kept with an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.pairlists import (
+    NO_LABEL,
+    PairListError,
+    is_pair_list,
+    iter_pair_chunks,
+    list_stem,
+    validate_pair_list,
+)
+
+
+def _rows(path, fmt, chunk_rows=1000):
+    out = []
+    for chunk in iter_pair_chunks(path, fmt, chunk_rows=chunk_rows):
+        for i in range(len(chunk)):
+            out.append(
+                (
+                    int(chunk.row_index[i]),
+                    chunk.pair_id[i],
+                    chunk.image_a[i],
+                    chunk.image_b[i],
+                    int(chunk.label[i]),
+                    chunk.error[i],
+                )
+            )
+    return out
+
+
+def test_csv_rows_and_every_kind_of_bad_row(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_text(
+        "\ufeffpair_id,image_a,image_b,label\n"
+        "p1,images/a.jpg,images/b.jpg,1\n"
+        ",images/a.jpg,images/c.jpg,0\n"  # default pair id = row index
+        "p3,,images/c.jpg,1\n"  # empty image_a
+        "p4,images/a.jpg,images/b.jpg,7\n"  # bad label
+        "p1,images/a.jpg,images/b.jpg,1\n"  # duplicate pair id
+        "p6,images/a.jpg\n"  # ragged line
+        "\n"
+        "p7,images/a.jpg,images/b.jpg,\n",  # empty label -> unlabelled row
+        encoding="utf-8",
+    )
+    rows = _rows(path, "csv")
+    assert [r[0] for r in rows] == list(range(7))
+    assert rows[0] == (0, "p1", "images/a.jpg", "images/b.jpg", 1, "")
+    assert rows[1][1] == "1" and rows[1][5] == ""
+    assert "image_a is empty" in rows[2][5]
+    assert "label must be 0 or 1" in rows[3][5]
+    assert "duplicate pair_id" in rows[4][5]
+    assert "expected 4 fields, got 2" in rows[5][5]
+    assert rows[6][4] == NO_LABEL and rows[6][5] == ""
+    report = validate_pair_list(path)
+    assert (report.rows, report.invalid_rows, report.labelled) == (7, 4, True)
+
+
+def test_chunks_are_bounded(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("image_a,image_b\n" + "images/a.jpg,images/b.jpg\n" * 2500)
+    sizes = [len(c) for c in iter_pair_chunks(path, "csv", chunk_rows=1000)]
+    assert sizes == [1000, 1000, 500]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"foo,bar\n1,2\n", "missing required column"),
+        (b"image_a,image_b\n\xff\xfe\xfa,x\n", "not UTF-8"),
+        (b'image_a,image_b\n"unterminated,x\n', "malformed CSV"),
+    ],
+)
+def test_unparseable_csv_raises(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(PairListError, match=message):
+        list(iter_pair_chunks(path, "csv"))
+
+
+def test_parquet_lists(tmp_path):
+    path = tmp_path / "l.parquet"
+    table = pa.table(
+        {
+            "image_a": ["images/a.jpg", None, "images/a.jpg"],
+            "image_b": ["images/b.jpg", "images/b.jpg", "images/b.jpg"],
+            "label": pa.array([1, 0, 3], pa.int64()),
+            "extra": [1, 2, 3],
+        }
+    )
+    pq.write_table(table, path, row_group_size=2)
+    rows = _rows(path, "parquet", chunk_rows=2)
+    assert [r[4] for r in rows] == [1, 0, NO_LABEL]
+    assert rows[0][5] == "" and "image_a is empty" in rows[1][5] and "label" in rows[2][5]
+    bad = tmp_path / "junk.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(PairListError, match="not a readable Parquet"):
+        list(iter_pair_chunks(bad, "parquet"))
+    nocol = tmp_path / "nocol.parquet"
+    pq.write_table(pa.table({"a": [1]}), nocol)
+    with pytest.raises(PairListError, match="missing required"):
+        list(iter_pair_chunks(nocol, "parquet"))
+
+
+def test_names():
+    assert list_stem("incoming/team/night_1.csv") == "night_1"
+    assert list_stem("incoming/x.PARQUET") == "x"
+    assert is_pair_list("incoming/a.csv") and not is_pair_list("incoming/a.jpg")
+    assert not is_pair_list("incoming/.tmp.csv")
+    assert np.int8(NO_LABEL) == -1
