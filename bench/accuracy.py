@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from models.evaluation import (  # noqa: E402
+    PairTable,
+    TrainFn,
+    run_view1,
+    run_view2_fold,
+    summarise_folds,
+)
 from models.preprocessing import DEFAULT_PARAMS, preprocess_image  # noqa: E402
 
 DEFAULT_LFW = ROOT.parent / "shared" / "data" / "lfw_home"
@@ -113,14 +120,171 @@ def load_faces(lfw_home: Path, cache_dir: Path, workers: int = 2) -> tuple[list[
     return ids, faces
 
 
+def protocol_view2(lfw_home: Path) -> tuple[dict[str, int], PairTable]:
+    people_fold = {
+        p: k for k, ps in enumerate(read_people_folds(lfw_home / "people.txt")) for p in ps
+    }
+    rows = [
+        (k, a, b, lab)
+        for k, fold in enumerate(read_pairs(lfw_home / "pairs.txt"))
+        for a, b, lab in fold
+    ]
+    return people_fold, PairTable.from_rows(rows)
+
+
+def protocol_view1(lfw_home: Path) -> tuple[list[str], PairTable, PairTable]:
+    train_people = read_people_list(lfw_home / "peopleDevTrain.txt")
+    train = PairTable.from_rows(
+        (0, a, b, lab) for a, b, lab in read_pairs(lfw_home / "pairsDevTrain.txt")[0]
+    )
+    test = PairTable.from_rows(
+        (0, a, b, lab) for a, b, lab in read_pairs(lfw_home / "pairsDevTest.txt")[0]
+    )
+    return train_people, train, test
+
+
+# ---------------------------------------------------------------- models under test
+
+
+def pca_train_fn(args: argparse.Namespace) -> TrainFn:
+    from models.pca import PCAEmbedder
+
+    lda: bool | str = {"true": True, "false": False}.get(args.pca_lda.lower(), args.pca_lda)
+
+    def train(faces: np.ndarray, labels: np.ndarray) -> PCAEmbedder:
+        return PCAEmbedder(
+            n_components=args.pca_components,
+            whiten=not args.pca_no_whiten,
+            lda=lda,
+            lda_components=args.pca_lda_components,
+            lda_shrinkage=args.pca_shrinkage,
+            flip_augment=not args.pca_no_flip,
+            drop_components=args.pca_drop,
+        ).fit(faces, labels)
+
+    return train
+
+
+def siamese_train_fn(args: argparse.Namespace) -> TrainFn:
+    from models.siamese import SiameseConfig, train_siamese
+
+    def train(faces: np.ndarray, labels: np.ndarray):
+        config = SiameseConfig(
+            epochs=args.epochs,
+            max_train_seconds=args.max_train_seconds,
+            **json.loads(args.siamese_config or "{}"),
+        )
+        return train_siamese(faces, labels, config, log=lambda m: print(m, flush=True))
+
+    return train
+
+
+def _config_tag(name: str, args: argparse.Namespace) -> str:
+    if name == "pca":
+        return (
+            f"pca_n{args.pca_components}_w{int(not args.pca_no_whiten)}_lda{args.pca_lda}"
+            f"_k{args.pca_lda_components}_s{args.pca_shrinkage}_f{int(not args.pca_no_flip)}"
+            f"_d{args.pca_drop}"
+        )
+    extra = args.siamese_config.replace(" ", "").replace('"', "") if args.siamese_config else ""
+    return f"siamese_e{args.epochs}_t{args.max_train_seconds}_{extra}".replace("/", "_")[:150]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _report(name: str, summary: dict) -> None:
+    print(
+        f"{name}: View 2 accuracy {100 * summary['accuracy_mean']:.2f} "
+        f"± {100 * summary['accuracy_se']:.2f} % (SE, {summary['n_folds']} folds), "
+        f"fold std {100 * summary['accuracy_std']:.2f}, AUC mean {summary['auc_mean']:.4f}"
+        + (
+            f", pooled {summary['auc_pooled']:.4f}, TAR@FAR1e-2 {summary['tar_at_far_1e-2']:.3f}"
+            f", TAR@FAR1e-3 {summary['tar_at_far_1e-3']:.3f}"
+            if "auc_pooled" in summary
+            else ""
+        )
+        + f", train {summary['train_seconds_mean']:.0f}s/fold",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lfw-home", type=Path, default=DEFAULT_LFW)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "cache" / "bench")
-    p.add_argument("--cache-only", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "var" / "bench")
+    p.add_argument("--cache-only", action="store_true", help="only build the faces cache")
+    p.add_argument("--models", default="pca,siamese")
+    p.add_argument("--folds", default="0,1,2,3,4,5,6,7,8,9")
+    p.add_argument("--view1", action="store_true", help="quick mode: View 1 DevTrain -> DevTest")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--max-train-seconds", type=float, default=None, help="per fold")
+    p.add_argument("--siamese-config", default="", help="JSON overrides of SiameseConfig")
+    p.add_argument("--pca-components", type=int, default=300)
+    p.add_argument("--pca-no-whiten", action="store_true")
+    p.add_argument("--pca-lda", default="auto", help="true|false|auto")
+    p.add_argument("--pca-lda-components", type=int, default=None)
+    p.add_argument("--pca-shrinkage", type=float, default=1e-3)
+    p.add_argument("--pca-no-flip", action="store_true")
+    p.add_argument("--pca-drop", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="ignore saved fold results")
     args = p.parse_args(argv)
+
     ids, faces = load_faces(args.lfw_home, args.cache_dir)
-    print(len(ids), faces.shape)
+    if args.cache_only:
+        print(len(ids), faces.shape)
+        return
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        train_fn = {"pca": pca_train_fn, "siamese": siamese_train_fn}[name](args)
+        tag = _config_tag(name, args)
+        out = args.out_dir / tag
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"== {name} [{tag}] -> {out}", flush=True)
+        if args.view1:
+            path = out / "view1.json"
+            if path.exists() and not args.fresh:
+                res = json.loads(path.read_text())
+            else:
+                train_people, train_pairs, test_pairs = protocol_view1(args.lfw_home)
+                res = run_view1(train_fn, faces, ids, train_people, train_pairs, test_pairs)
+                _write_json(path, res)
+            print(
+                f"{name}: View 1 DevTest accuracy {100 * res['accuracy']:.2f} %, "
+                f"AUC {res['auc']:.4f}, train {res['train_seconds']:.0f}s",
+                flush=True,
+            )
+            continue
+        people_fold, pairs = protocol_view2(args.lfw_home)
+        results = []
+        for k in [int(f) for f in args.folds.split(",") if f.strip()]:
+            path = out / f"fold{k}.json"
+            if path.exists() and not args.fresh:
+                res = json.loads(path.read_text())
+                print(f"fold {k}: (saved) accuracy {res['accuracy']:.4f}", flush=True)
+            else:
+                res = run_view2_fold(
+                    train_fn, faces, ids, people_fold, pairs, k, log=lambda m: print(m, flush=True)
+                )
+                _write_json(path, res)
+            results.append(res)
+        summary = summarise_folds(results)
+        _write_json(
+            out / "summary.json",
+            {
+                **summary,
+                "args": vars(args)
+                | {
+                    "lfw_home": str(args.lfw_home),
+                    "cache_dir": str(args.cache_dir),
+                    "out_dir": str(args.out_dir),
+                },
+            },
+        )
+        _report(name, summary)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,154 @@
+"""SageMaker script-mode entry point for the PCA (eigenfaces/Fisherfaces) model.
+
+Runs as ``python train_pca.py`` inside a staged source dir (see models/source_dir.py) or as
+``python -m models.train_pca`` from the repository root. Reads the dataset channel
+(``SM_CHANNEL_TRAIN``), trains on the ``train`` split, fits the threshold on ``val`` pairs,
+reports on ``test`` pairs, optionally runs LFW View 2, and writes model.json, pca.npz and
+metrics.json to ``SM_MODEL_DIR`` (metrics also to ``SM_OUTPUT_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the sibling `models` package importable
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
+
+from models.evaluation import evaluate_candidate, run_view2  # noqa: E402
+from models.loading import read_channel, write_training_outputs  # noqa: E402
+from models.pca import PCAEmbedder  # noqa: E402
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def lda_flag(value: str) -> bool | str:
+    return "auto" if value.lower() == "auto" else str2bool(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the PCA face embedder (script mode).")
+    # hyperparameters
+    p.add_argument("--n-components", type=int, default=300)
+    p.add_argument("--whiten", type=str2bool, default=True)
+    p.add_argument("--lda", type=lda_flag, default="auto", help="true | false | auto")
+    p.add_argument("--lda-components", type=int, default=0, help="0 = as many as possible")
+    p.add_argument("--lda-shrinkage", type=float, default=1e-3)
+    p.add_argument("--flip-augment", type=str2bool, default=True)
+    p.add_argument("--eval-pairs", type=int, default=2000, help="val and test pairs each")
+    p.add_argument("--view2-folds", type=int, default=10, help="0 = skip the View 2 protocol")
+    p.add_argument("--seed", type=int, default=0)
+    # SageMaker environment
+    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    p.add_argument(
+        "--train", default=os.environ.get("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
+    )
+    p.add_argument(
+        "--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")
+    )
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        print(f"ignoring unknown arguments: {unknown}", flush=True)
+    return args
+
+
+def hyperparameters(args: argparse.Namespace) -> dict:
+    return {
+        "n_components": args.n_components,
+        "whiten": args.whiten,
+        "lda": args.lda,
+        "lda_components": args.lda_components,
+        "lda_shrinkage": args.lda_shrinkage,
+        "flip_augment": args.flip_augment,
+        "eval_pairs": args.eval_pairs,
+        "view2_folds": args.view2_folds,
+        "seed": args.seed,
+    }
+
+
+def make_model(args: argparse.Namespace, face_shape: tuple[int, int]) -> PCAEmbedder:
+    return PCAEmbedder(
+        n_components=args.n_components,
+        whiten=args.whiten,
+        lda=args.lda,
+        lda_components=args.lda_components or None,
+        lda_shrinkage=args.lda_shrinkage,
+        flip_augment=args.flip_augment,
+        random_state=args.seed,
+        face_shape=face_shape,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[train_pca] {message}", flush=True)
+
+
+def train(args: argparse.Namespace) -> dict:
+    log(f"reading dataset channel {args.train}")
+    data = read_channel(args.train)
+    shape = tuple(data.faces.shape[1:])
+    faces, persons, _ = data.subset("train")
+    log(f"fitting PCA on {len(faces)} train images of {len(set(persons.tolist()))} people")
+    t0 = time.time()
+    model = make_model(args, shape).fit(faces, persons)
+    train_seconds = time.time() - t0
+    log(
+        f"fitted in {train_seconds:.1f}s: {model.n_components_} components, "
+        f"lda={model.lda_used_} {model.lda_auto_scores_}, dim {model.embedding_dim_}"
+    )
+    evaluation = evaluate_candidate(
+        model,
+        data.faces,
+        data.image_ids,
+        data.splits,
+        data.persons,
+        n_pairs=args.eval_pairs,
+        seed=args.seed,
+    )
+    log(
+        f"threshold {evaluation['threshold']:.4f} (fitted on val); test accuracy "
+        f"{evaluation['test']['accuracy']:.4f} auc {evaluation['test']['auc']:.4f}"
+    )
+    view2 = None
+    if args.view2_folds > 0 and "pairs_view2" in data.protocol:
+        log(f"LFW View 2 protocol over {args.view2_folds} folds")
+        view2 = run_view2(
+            lambda f, y: make_model(args, shape).fit(f, y),
+            data.faces,
+            data.image_ids,
+            data.people_folds(),
+            data.pair_table("pairs_view2"),
+            folds=range(args.view2_folds),
+            log=log,
+        )
+        log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
+    model.save(args.model_dir)
+    metrics = write_training_outputs(
+        args.model_dir,
+        args.output_data_dir,
+        "pca",
+        evaluation,
+        model.embedding_dim_,
+        hyperparameters(args) | {"lda_used": model.lda_used_},
+        data,
+        train_seconds,
+        view2,
+    )
+    log(f"wrote model and metrics to {args.model_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    train(parse_args())
