@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The local stack: Prefect server (UI + API on 127.0.0.1), the process work pool,
+# every deployment in prefect.yaml, and one worker. Re-running it is safe; `make stop`
+# (scripts/stop.sh) stops everything it started.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+cd "$REPO_ROOT"
+
+PORT="${FACEREID_PREFECT_PORT:-4200}"
+API_URL="http://127.0.0.1:$PORT/api"
+export PREFECT_HOME="$VAR_DIR/prefect"   # sqlite database and profiles stay in ./var
+mkdir -p "$PREFECT_HOME" "$STACK_DIR"
+default_lfw_data_home
+
+server_pid="$(cat "$STACK_DIR/server.pid" 2>/dev/null || true)"
+if pid_alive "$server_pid"; then
+  log "Prefect server already running (pid $server_pid)"
+else
+  if "$VENV_BIN/python" -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1', $PORT)) != 0)"; then
+    log "port $PORT is taken by another process; set FACEREID_PREFECT_PORT to use another one"
+    exit 1
+  fi
+  log "starting Prefect server on 127.0.0.1:$PORT (log: var/stack/server.log)"
+  start_bg "$STACK_DIR/server.pid" "$STACK_DIR/server.log" \
+    "$VENV_BIN/prefect" server start --host 127.0.0.1 --port "$PORT"
+  server_pid="$(cat "$STACK_DIR/server.pid")"
+fi
+if ! wait_http "$API_URL/health" 180 "$server_pid"; then
+  tail -n 30 "$STACK_DIR/server.log" >&2 || true
+  exit 1
+fi
+echo "$API_URL" >"$STACK_DIR/api_url"
+export PREFECT_API_URL="$API_URL"
+
+if "$VENV_BIN/prefect" work-pool inspect "$WORK_POOL" >/dev/null 2>&1; then
+  log "work pool $WORK_POOL exists"
+else
+  log "creating work pool $WORK_POOL (type process)"
+  "$VENV_BIN/prefect" work-pool create "$WORK_POOL" --type process >/dev/null
+fi
+
+log "deploying every deployment in prefect.yaml"
+"$VENV_BIN/prefect" --no-prompt deploy --all
+
+worker_pid="$(cat "$STACK_DIR/worker.pid" 2>/dev/null || true)"
+if pid_alive "$worker_pid"; then
+  log "worker already running (pid $worker_pid)"
+else
+  log "starting worker on pool $WORK_POOL (log: var/stack/worker.log)"
+  start_bg "$STACK_DIR/worker.pid" "$STACK_DIR/worker.log" \
+    "$VENV_BIN/prefect" worker start --pool "$WORK_POOL" --name facereid-local-worker
+fi
+
+cat <<MSG
+
+Local stack is up.
+  UI:        http://127.0.0.1:$PORT
+  API:       $API_URL
+  Storage:   ${FACEREID_STORAGE_URI:-file://./var/storage}    LFW data_home: ${FACEREID_LFW_DATA_HOME:-sklearn default}
+  Logs:      var/stack/server.log, var/stack/worker.log
+Start a run from the UI (Deployments -> ingest-lfw -> Run -> Custom run) or:
+  export PREFECT_API_URL=$API_URL
+  .venv/bin/prefect deployment run 'ingest-lfw/ingest-lfw'
+  .venv/bin/prefect deployment run 'verify-pairs/verify-pairs-nightly' --param list_key=incoming/my-pairs.csv
+Stop everything with: make stop
+MSG
