@@ -1,0 +1,211 @@
+"""SageMaker backend: the same entry point as a SageMaker training job (SDK v3 ModelTrainer).
+
+Image: the scikit-learn framework image for PCA (the model is numpy + scikit-learn and is
+read back by models.loading, which the built-in PCA algorithm's artifact would not be) and
+the TensorFlow training DLC for the Siamese net (versions in sagemaker_common). Input
+channel ``train`` = the dataset's S3 prefix; outputs go to ``models/<name>/_jobs/`` next to
+the registry. The job is polled until it ends or ``timeout_s`` passes (then stopped); a
+Failed/Stopped job raises :class:`TrainingJobFailed` carrying SageMaker's FailureReason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.registry import unpack_model_archive
+from tasks.backends import TrainingError, TrainingResult, entry_script, read_metrics
+from tasks.backends.sagemaker_common import (
+    image_uri,
+    make_boto_session,
+    make_sagemaker_session,
+    require_s3_storage,
+    storage_key_of,
+)
+
+TERMINAL = ("Completed", "Failed", "Stopped")
+# Files the staged source dir must not upload (caches, local scratch).
+IGNORE_PATTERNS = [".env", ".git", "__pycache__", ".DS_Store", "*.pyc", ".pytest_cache"]
+
+
+class TrainingJobFailed(TrainingError):
+    """A SageMaker training job ended Failed or Stopped (or timed out)."""
+
+    def __init__(self, job_name: str, status: str, reason: str):
+        super().__init__(f"SageMaker training job {job_name} ended {status}: {reason}")
+        self.job_name = job_name
+        self.status = status
+        self.reason = reason
+
+
+def instance_type_for(model: str, settings: Any) -> str:
+    """The Siamese net trains on a GPU instance (TF GPU image); PCA needs only CPU."""
+    if model == "siamese":
+        return str(settings.sagemaker_gpu_instance_type)
+    return str(settings.sagemaker_instance_type)
+
+
+def jobs_prefix(model: str) -> str:
+    return f"models/{model}/_jobs"
+
+
+def build_model_trainer(
+    *,
+    model: str,
+    source_dir: Path,
+    hyperparameters: dict[str, Any],
+    storage: Any,
+    sagemaker_session: Any,
+    role_arn: str,
+    instance_type: str,
+    region: str,
+    max_runtime_s: int,
+) -> Any:
+    """A ``sagemaker.train.ModelTrainer`` for one facereid model (nothing submitted yet)."""
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.configs import (
+        Compute,
+        OutputDataConfig,
+        SourceCode,
+        StoppingCondition,
+    )
+
+    return ModelTrainer(
+        training_image=image_uri(model, region, instance_type),
+        source_code=SourceCode(
+            source_dir=str(source_dir),
+            entry_script=entry_script(model),
+            requirements="requirements.txt"
+            if (source_dir / "requirements.txt").is_file()
+            else None,
+            ignore_patterns=IGNORE_PATTERNS,
+        ),
+        compute=Compute(instance_type=instance_type, instance_count=1, volume_size_in_gb=30),
+        stopping_condition=StoppingCondition(max_runtime_in_seconds=int(max_runtime_s)),
+        output_data_config=OutputDataConfig(
+            s3_output_path=storage.url_for(jobs_prefix(model)), compression_type="GZIP"
+        ),
+        hyperparameters=dict(hyperparameters),
+        environment={"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        base_job_name=f"facereid-{model}",
+        role=role_arn,
+        sagemaker_session=sagemaker_session,
+    )
+
+
+def wait_for_job(
+    job: Any,
+    *,
+    timeout_s: float,
+    poll_s: float,
+    log: Callable[[str], None],
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Poll ``job`` (a ``sagemaker.core.resources.TrainingJob``) until it ends.
+
+    Logs every status change; stops the job and raises on timeout; raises
+    :class:`TrainingJobFailed` with the FailureReason on Failed or Stopped.
+    """
+    started = time.monotonic()
+    last = None
+    while True:
+        job.refresh()
+        status = str(job.training_job_status)
+        secondary = _plain(getattr(job, "secondary_status", None))
+        if (status, secondary) != last:
+            log(f"[sagemaker] {job.training_job_name}: {status} ({secondary or '-'})")
+            last = (status, secondary)
+        if status == "Completed":
+            return job
+        if status in ("Failed", "Stopped"):
+            reason = _plain(getattr(job, "failure_reason", None)) or "no FailureReason given"
+            raise TrainingJobFailed(job.training_job_name, status, reason)
+        if time.monotonic() - started >= timeout_s:
+            try:
+                job.stop()
+            finally:
+                raise TrainingJobFailed(
+                    job.training_job_name,
+                    f"{status} after the {timeout_s:.0f}s timeout (stop requested)",
+                    "the flow's sagemaker_job_timeout_s passed before the job finished",
+                )
+        sleep(poll_s)
+
+
+def _plain(value: Any) -> str | None:
+    """SDK fields are ``Unassigned()`` when absent; turn those into None."""
+    if value is None or type(value).__name__ == "Unassigned":
+        return None
+    return str(value)
+
+
+def train_on_sagemaker(
+    model: str,
+    storage: Any,
+    data_version: str,
+    hyperparameters: dict[str, Any],
+    work_dir: Path,
+    *,
+    role_arn: str,
+    instance_type: str,
+    region: str,
+    timeout_s: float,
+    poll_s: float = 30.0,
+    boto_session: Any = None,
+    endpoints: dict[str, str | None] | None = None,
+    source_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainingResult:
+    """Run ``train_<model>.py`` as a SageMaker training job and fetch its model.
+
+    ``boto_session`` (or ``endpoints`` to build one) decides where AWS calls go; tests
+    pass a moto-backed session with request hooks registered on it.
+    """
+    from models.source_dir import stage_source_dir
+
+    require_s3_storage(storage)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if source_dir is None:
+        source_dir = stage_source_dir(work_dir / "source")
+    if boto_session is None:
+        boto_session = make_boto_session(region, endpoints)
+    session = make_sagemaker_session(boto_session, storage.bucket, storage._key(jobs_prefix(model)))
+    trainer = build_model_trainer(
+        model=model,
+        source_dir=Path(source_dir),
+        hyperparameters=hyperparameters,
+        storage=storage,
+        sagemaker_session=session,
+        role_arn=role_arn,
+        instance_type=instance_type,
+        region=region,
+        max_runtime_s=int(timeout_s),
+    )
+    from sagemaker.train.configs import InputData
+
+    channel = InputData(
+        channel_name="train", data_source=storage.url_for(f"datasets/lfw/v={data_version}/")
+    )
+    started = time.monotonic()
+    trainer.train(input_data_config=[channel], wait=False, logs=False)
+    job = trainer._latest_training_job  # the SDK's handle on the job it just created
+    log(f"[sagemaker] submitted {job.training_job_name} ({instance_type})")
+    wait_for_job(job, timeout_s=timeout_s, poll_s=poll_s, log=log)
+    artifact_uri = _plain(getattr(job.model_artifacts, "s3_model_artifacts", None))
+    if not artifact_uri:
+        raise TrainingError(f"SageMaker job {job.training_job_name} completed without artifacts")
+    archive = storage.get_bytes(storage_key_of(storage, artifact_uri))
+    model_dir = unpack_model_archive(archive, work_dir / "model")
+    return TrainingResult(
+        model=model,
+        backend="sagemaker",
+        model_dir=model_dir,
+        archive=archive,
+        metrics=read_metrics(model_dir),
+        job_name=str(job.training_job_name),
+        wall_seconds=round(time.monotonic() - started, 2),
+        details={"artifact_uri": artifact_uri, "image": trainer.training_image},
+    )
