@@ -1,0 +1,133 @@
+"""Nightly / on-demand verification of the pair lists dropped under ``incoming/``.
+
+Deployment ``verify-pairs-nightly`` runs it on a cron; the ``poll_incoming`` flow emits
+``facereid.pair-list.dropped`` events whose automation runs it with ``list_key`` set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from core.pairlists import PairListError
+from core.settings import get_settings
+from core.storage import ObjectNotFound, storage_from_uri
+from tasks.verify import (
+    find_pending_lists,
+    load_production_model_task,
+    local_embed_unique,
+    make_job,
+    record_in_ledger_task,
+    reject_pair_list,
+    verify_pair_list,
+)
+
+
+@flow(name="verify_pairs", log_prints=True)
+def verify_pairs(
+    list_key: str | None = None,
+    model_name: str = "auto",
+    backend: str | None = None,
+    max_concurrency: int = 16,
+    batch_size: int = 256,
+    storage_uri: str | None = None,
+    instance_count: int = 1,
+) -> dict[str, Any]:
+    """Verify every unprocessed list under incoming/ (oldest first), or only ``list_key``.
+
+    Parameters (all optional, for manual runs from the UI):
+      list_key: one key such as ``incoming/my-pairs.csv``; None = all unprocessed lists.
+      model_name: a registered model name, or ``auto`` = the promoted model with the best
+        gate figure.
+      backend: ``local`` or ``sagemaker`` (batch transform); None = settings.backend.
+      max_concurrency: images fetched/decoded at once (bounded thread pool).
+      batch_size: faces per embedding batch.
+      storage_uri: override settings.storage_uri (file://... or s3://bucket/prefix).
+      instance_count: SageMaker transform instances (sagemaker backend only).
+
+    Returns {"processed": [...ledger entries], "rejected": [...], "failed": [...]}.
+    A bad list is rejected and the run goes on; infrastructure failures on a list are
+    collected and the run fails at the end, after every other list was attempted.
+    """
+    logger = get_run_logger()
+    settings = get_settings()
+    backend = backend or settings.backend
+    storage = storage_from_uri(
+        storage_uri or settings.storage_uri,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.aws_region,
+    )
+    pending = find_pending_lists(storage, list_key)
+    out: dict[str, Any] = {"processed": [], "rejected": [], "failed": [], "backend": backend}
+    if not pending:
+        logger.info("no unprocessed pair lists under %s", storage.url_for("incoming/"))
+        return out
+    pointer, embedder = load_production_model_task(
+        storage, model_name, str(settings.cache_path / "models"), backend == "local"
+    )
+    threshold = float(pointer["threshold"])
+    logger.info(
+        "%d list(s) to verify with %s %s (threshold %.4f, backend %s)",
+        len(pending),
+        pointer["name"],
+        pointer["version"],
+        threshold,
+        backend,
+    )
+    if backend == "sagemaker":
+        from tasks.backends.sagemaker_transform import sagemaker_embed_unique
+
+        embed_unique = sagemaker_embed_unique(
+            storage,
+            pointer,
+            settings,
+            instance_count=instance_count,
+            max_concurrency=max_concurrency,
+        )
+    else:
+        embed_unique = local_embed_unique(storage, embedder, max_concurrency, batch_size)
+    for info in pending:
+        job = make_job(info, pointer)
+        try:
+            entry = verify_pair_list(
+                storage,
+                job,
+                threshold,
+                embed_unique,
+                list(settings.verify_allowed_prefixes),
+                backend,
+            )
+        except PairListError as exc:
+            logger.warning("rejecting %s: %s", info.key, exc)
+            out["rejected"].append(
+                {
+                    "list_key": info.key,
+                    "rejected_key": reject_pair_list(storage, info, str(exc)),
+                    "error": str(exc),
+                }
+            )
+            continue
+        except ObjectNotFound as exc:
+            logger.warning("%s disappeared before it was read: %s", info.key, exc)
+            continue
+        except Exception as exc:
+            logger.error("verifying %s failed: %s", info.key, exc)
+            out["failed"].append({"list_key": info.key, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        try:
+            record_in_ledger_task(storage, job, entry)
+        except Exception as exc:
+            logger.error("results of %s published, ledger write failed: %s", info.key, exc)
+            out["failed"].append({"list_key": info.key, "error": f"ledger: {exc}"})
+            continue
+        out["processed"].append({"list_key": info.key, "etag": info.etag, **entry})
+    if out["failed"]:
+        raise RuntimeError(f"{len(out['failed'])} list(s) failed: {out['failed']}")
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(verify_pairs(), indent=2, default=str))

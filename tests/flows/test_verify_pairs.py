@@ -1,0 +1,350 @@
+"""verify_pairs end to end on moto S3 under the Prefect harness, with a real PCA model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from core.ledger import incoming_lists, ledger_key, read_entry
+from tests.fake_lfw import fake_face_jpeg
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+N_PEOPLE = 12
+
+
+def _face_bytes(person: int, image: int) -> bytes:
+    return fake_face_jpeg(person + 1, image)
+
+
+@pytest.fixture(scope="module")
+def pca_model_dir(tmp_path_factory):
+    """A real PCA embedder fitted on fake faces, saved as a model directory."""
+    from models.evaluation import fit_threshold, score_pairs
+    from models.loading import write_model_json
+    from models.pca import PCAEmbedder
+    from models.preprocessing import preprocess_image
+
+    faces, labels = [], []
+    for person in range(N_PEOPLE):
+        for image in range(6):
+            faces.append(preprocess_image(_face_bytes(person, image)))
+            labels.append(person)
+    faces_arr, labels_arr = np.stack(faces), np.array(labels)
+    model = PCAEmbedder(n_components=30, lda=True).fit(faces_arr, labels_arr)
+    emb = model.embed(faces_arr)
+    ia, ib = np.triu_indices(len(labels_arr), 1)
+    threshold = fit_threshold(score_pairs(emb[ia], emb[ib]), labels_arr[ia] == labels_arr[ib])
+    model_dir = tmp_path_factory.mktemp("pca_model")
+    model.save(model_dir)
+    write_model_json(model_dir, "pca", threshold, model.embedding_dim_, model.get_params())
+    return model_dir
+
+
+def _promote(storage, model_dir, name="pca", accuracy=0.9) -> dict:
+    from core.registry import promote_if_better, register_version
+
+    version = register_version(
+        storage, name, model_dir, {"test": {"accuracy": accuracy, "auc": 0.95}}, {"kind": "pca"}
+    )
+    return promote_if_better(storage, name, version)["pointer"]
+
+
+def _write_lfw_dataset(storage) -> None:
+    """A minimal ingested dataset (contract layout) with two images of one person."""
+    from core.dataset import LATEST_KEY, manifest_key, shard_key
+    from models.preprocessing import preprocess_image
+
+    version = "0123456789abcdef"
+    faces = np.stack([preprocess_image(_face_bytes(0, i)) for i in (1, 2)])
+    flat = pa.array(faces.reshape(-1), pa.float32())
+    table = pa.table(
+        {
+            "image_id": ["Person_AA/0001", "Person_AA/0002"],
+            "face": pa.FixedSizeListArray.from_arrays(flat, 68 * 56),
+        }
+    )
+    storage.write_parquet(shard_key(version, 0), table)
+    manifest = {"version": version, "counts": {"shards": 1, "images": 2}}
+    storage.put_bytes(manifest_key(version), json.dumps(manifest).encode())
+    storage.put_bytes(LATEST_KEY, json.dumps({"version": version}).encode())
+
+
+def _csv(rows: list[list[str]]) -> bytes:
+    return ("\n".join(",".join(r) for r in rows) + "\n").encode()
+
+
+def _results(storage, stem: str) -> tuple[list[str], pa.Table]:
+    keys = sorted(i.key for i in storage.list(f"results/{stem}/"))
+    parquet = [k for k in keys if k.endswith(".parquet")]
+    assert len(parquet) == 1, keys
+    return keys, storage.read_parquet(parquet[0])
+
+
+def _rows(table: pa.Table) -> dict[str, dict]:
+    return {r["pair_id"]: r for r in table.to_pylist()}
+
+
+def _png(size: tuple[int, int], mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def world(s3_storage, settings_env, pca_model_dir, moto_endpoint):
+    """Images, an LFW dataset and a promoted model in a fresh bucket."""
+    import boto3
+
+    storage = s3_storage
+    settings_env(storage)
+    for person in range(N_PEOPLE):
+        for image in range(3):
+            storage.put_bytes(f"images/p{person}_{image}.jpg", _face_bytes(person, image + 10))
+    storage.put_bytes("images/junk.jpg", b"this is not an image")
+    storage.put_bytes("images/truncated.jpg", _face_bytes(0, 0)[:400])
+    storage.put_bytes("images/blank.png", _png((320, 240)))
+    storage.put_bytes("images/bomb.png", _png((7000, 6000)))  # 42 Mpx > max_pixels
+    storage.put_bytes("models/secret.jpg", _face_bytes(0, 99))  # outside allowed prefixes
+    other = f"{storage.bucket}-other"
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=other)
+    s3.put_object(Bucket=other, Key="images/p0_0.jpg", Body=_face_bytes(0, 10))
+    _write_lfw_dataset(storage)
+    pointer = _promote(storage, pca_model_dir)
+    return storage, pointer, other
+
+
+def _run(**kwargs):
+    from flows.verify_pairs import verify_pairs
+
+    return verify_pairs(**kwargs)
+
+
+def test_verify_end_to_end_twice(world):
+    storage, pointer, other_bucket = world
+    url = storage.url_for("images/p0_0.jpg")  # s3://bucket/root/images/p0_0.jpg
+    storage.put_bytes(
+        "incoming/good.csv",
+        _csv(
+            [
+                ["pair_id", "image_a", "image_b"],
+                ["same-0", "images/p0_0.jpg", "images/p0_1.jpg"],
+                ["same-uri", url, "images/p0_2.jpg"],
+                ["diff-0", "images/p0_0.jpg", "images/p5_0.jpg"],
+                ["lfw-same", "lfw:Person_AA/1", "lfw:Person_AA/0002"],
+                ["lfw-vs-key", "lfw:Person_AA/0001", "images/p0_1.jpg"],
+            ]
+        ),
+    )
+    labelled = pa.table(
+        {
+            "image_a": [f"images/p{p}_0.jpg" for p in range(N_PEOPLE)] * 2,
+            "image_b": [f"images/p{p}_1.jpg" for p in range(N_PEOPLE)]
+            + [f"images/p{(p + 1) % N_PEOPLE}_1.jpg" for p in range(N_PEOPLE)],
+            "label": [1] * N_PEOPLE + [0] * N_PEOPLE,
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(labelled, buf)
+    storage.put_bytes("incoming/team/labelled.parquet", buf.getvalue())
+    storage.put_bytes(
+        "incoming/bad_rows.csv",
+        _csv(
+            [
+                ["pair_id", "image_a", "image_b", "label"],
+                ["ok", "images/p1_0.jpg", "images/p1_1.jpg", "1"],
+                ["missing", "images/p1_0.jpg", "images/nope.jpg", "1"],
+                ["junk", "images/junk.jpg", "images/p1_1.jpg", "0"],
+                ["truncated", "images/truncated.jpg", "images/p1_1.jpg", "0"],
+                ["bomb", "images/bomb.png", "images/p1_1.jpg", "0"],
+                ["noface", "images/blank.png", "images/p1_1.jpg", "0"],
+                ["empty", "images/p1_0.jpg", "", "1"],
+                ["badlabel", "images/p1_0.jpg", "images/p1_1.jpg", "maybe"],
+                ["traversal", "images/../models/secret.jpg", "images/p1_1.jpg", "0"],
+                ["outside", "models/secret.jpg", "images/p1_1.jpg", "0"],
+                ["scheme", "https://example.com/a.jpg", "images/p1_1.jpg", "0"],
+                ["lfw-missing", "lfw:Nobody_Here/0001", "images/p1_1.jpg", "0"],
+                ["ragged", "images/p1_0.jpg"],
+            ]
+        ),
+    )
+    storage.put_bytes("incoming/unparseable.csv", b"name;score\nfoo;1\n")
+    storage.put_bytes(
+        "incoming/other_bucket.csv",
+        _csv(
+            [
+                ["pair_id", "image_a", "image_b"],
+                ["x", f"s3://{other_bucket}/images/p0_0.jpg", "images/p0_1.jpg"],
+                ["y", f"s3://{other_bucket}/root/images/p0_0.jpg", "images/p0_1.jpg"],
+            ]
+        ),
+    )
+    storage.put_bytes("incoming/readme.txt", b"not a list: ignored")
+
+    first = _run()
+    processed = {p["list_key"]: p for p in first["processed"]}
+    assert set(processed) == {
+        "incoming/good.csv",
+        "incoming/team/labelled.parquet",
+        "incoming/bad_rows.csv",
+        "incoming/other_bucket.csv",
+    }
+    assert [r["list_key"] for r in first["rejected"]] == ["incoming/unparseable.csv"]
+
+    # good list: every row ok, same person scores above different person
+    keys, table = _results(storage, "good")
+    run_id = processed["incoming/good.csv"]["run_id"]
+    assert keys == [f"results/good/{run_id}.csv", f"results/good/{run_id}.parquet"]
+    assert table.schema.names == [
+        "pair_id", "image_a", "image_b", "score", "threshold", "same_person",
+        "model_name", "model_version", "status", "error",
+    ]  # fmt: skip
+    rows = _rows(table)
+    assert [r["status"] for r in rows.values()] == ["ok"] * 5
+    assert {r["model_version"] for r in rows.values()} == {pointer["version"]}
+    assert rows["same-0"]["score"] > rows["diff-0"]["score"]
+    assert rows["same-0"]["same_person"] and not rows["diff-0"]["same_person"]
+    assert rows["same-uri"]["same_person"] and rows["lfw-same"]["same_person"]
+    assert rows["lfw-vs-key"]["same_person"]
+    for r in rows.values():
+        assert r["same_person"] == (r["score"] >= r["threshold"])
+        assert r["threshold"] == pytest.approx(pointer["threshold"])
+    csv_text = storage.get_bytes(f"results/good/{run_id}.csv").decode()
+    assert len(csv_text.strip().splitlines()) == 1 + 5
+
+    # labelled list: accuracy, AUC and the confusion matrix
+    _, table = _results(storage, "labelled")
+    assert table.num_rows == 2 * N_PEOPLE and table.column("label").to_pylist()[0] == 1
+    metrics = processed["incoming/team/labelled.parquet"]["metrics"]
+    cm = metrics["confusion_matrix"]
+    assert sum(cm.values()) == 2 * N_PEOPLE
+    assert metrics["accuracy"] == pytest.approx((cm["tp"] + cm["tn"]) / (2 * N_PEOPLE))
+    assert metrics["accuracy"] >= 0.75 and metrics["roc_auc"] >= 0.8
+
+    # bad rows: one status per row, the rest of the list goes on
+    _, table = _results(storage, "bad_rows")
+    rows = _rows(table)
+    expected = {
+        "ok": "ok",
+        "missing": "missing_image",
+        "junk": "unreadable_image",
+        "truncated": "unreadable_image",
+        "bomb": "unreadable_image",
+        "noface": "no_face",
+        "empty": "invalid_row",
+        "badlabel": "invalid_row",
+        "traversal": "forbidden",
+        "outside": "forbidden",
+        "scheme": "forbidden",
+        "lfw-missing": "missing_image",
+        "ragged": "invalid_row",
+    }
+    assert {k: r["status"] for k, r in rows.items()} == expected
+    for pid, r in rows.items():
+        assert (r["error"] is None) == (pid == "ok"), r
+        assert (r["score"] is None) == (pid != "ok")
+    assert "nope.jpg" in rows["missing"]["error"]
+    assert "pixels" in rows["bomb"]["error"]
+    bad_metrics = processed["incoming/bad_rows.csv"]["metrics"]
+    assert bad_metrics["status_counts"] == {
+        "ok": 1, "missing_image": 2, "unreadable_image": 3, "no_face": 1,
+        "invalid_row": 3, "forbidden": 3,
+    }  # fmt: skip
+    assert bad_metrics["confusion_matrix"]["tp"] + bad_metrics["confusion_matrix"]["fn"] == 1
+
+    # another bucket: forbidden, never fetched
+    _, table = _results(storage, "other_bucket")
+    assert table.column("status").to_pylist() == ["forbidden", "forbidden"]
+
+    # the unparseable list moved aside with its report
+    assert not storage.exists("incoming/unparseable.csv")
+    assert storage.get_bytes("rejected/unparseable.csv") == b"name;score\nfoo;1\n"
+    report = json.loads(storage.get_bytes("rejected/unparseable.csv.error.json"))
+    assert "missing required column" in report["error"]
+
+    # the ledger: one entry per processed list version
+    for info in incoming_lists(storage):
+        if info.key.endswith(".csv") or info.key.endswith(".parquet"):
+            entry = read_entry(storage, info.key, info.etag)
+            assert entry and entry["result_key"] == processed[info.key]["result_key"]
+
+    # second run: nothing to do, nothing written
+    before = sorted(i.key for i in storage.list("results/"))
+    second = _run()
+    assert second["processed"] == [] and second["rejected"] == []
+    assert sorted(i.key for i in storage.list("results/")) == before
+
+    # an edited list is processed again, under a new run id; the old result stays
+    storage.put_bytes(
+        "incoming/good.csv",
+        _csv([["pair_id", "image_a", "image_b"], ["e", "images/p2_0.jpg", "images/p2_1.jpg"]]),
+    )
+    third = _run()
+    assert [p["list_key"] for p in third["processed"]] == ["incoming/good.csv"]
+    assert third["processed"][0]["run_id"] != run_id
+    assert len([k for k in storage.list("results/good/") if k.key.endswith(".parquet")]) == 2
+
+
+def test_crash_between_results_and_ledger(world, monkeypatch):
+    from prefect.states import State
+
+    import tasks.verify as verify_tasks
+
+    storage, _, _ = world
+    rows = [["pair_id", "image_a", "image_b"]] + [
+        [f"r{i}", f"images/p{i % N_PEOPLE}_0.jpg", f"images/p{(i * 7) % N_PEOPLE}_1.jpg"]
+        for i in range(40)
+    ]
+    storage.put_bytes("incoming/crashy.csv", _csv(rows))
+    info = storage.head("incoming/crashy.csv")
+
+    def boom(*args, **kwargs):
+        raise OSError("injected crash after results were published")
+
+    monkeypatch.setattr(verify_tasks, "record_processed", boom)
+    from flows.verify_pairs import verify_pairs
+
+    state: State = verify_pairs(return_state=True)
+    assert state.is_failed()
+    assert storage.exists(f"results/crashy/{_only_run_id(storage)}.parquet")
+    assert not storage.exists(ledger_key(info.key, info.etag))
+
+    monkeypatch.undo()
+    again = _run()
+    assert [p["list_key"] for p in again["processed"]] == ["incoming/crashy.csv"]
+    keys, table = _results(storage, "crashy")
+    assert len(keys) == 2  # one parquet + its csv twin: the same keys were rewritten
+    assert table.num_rows == 40 and len(set(table.column("pair_id").to_pylist())) == 40
+    assert read_entry(storage, info.key, info.etag)["result_key"] == keys[1]
+    assert _run()["processed"] == []
+
+
+def _only_run_id(storage) -> str:
+    (key,) = [i.key for i in storage.list("results/crashy/") if i.key.endswith(".parquet")]
+    return key.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
+def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir):
+    """``list_key`` processes one list; the same flow runs on a local storage root."""
+    storage = local_storage
+    settings_env(storage)
+    _promote(storage, pca_model_dir)
+    for image in range(2):
+        storage.put_bytes(f"uploads/a{image}.jpg", _face_bytes(3, image))
+    body = _csv([["image_a", "image_b"], ["uploads/a0.jpg", "uploads/a1.jpg"]])
+    storage.put_bytes("incoming/one.csv", body)
+    storage.put_bytes("incoming/two.csv", body)
+    out = _run(list_key="incoming/two.csv", max_concurrency=2, batch_size=1)
+    assert [p["list_key"] for p in out["processed"]] == ["incoming/two.csv"]
+    _, table = _results(storage, "two")
+    assert table.column("pair_id").to_pylist() == ["0"]
+    assert table.column("status").to_pylist() == ["ok"]
+    assert _run(list_key="incoming/two.csv")["processed"] == []
+    assert [p["list_key"] for p in _run()["processed"]] == ["incoming/one.csv"]
