@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,12 @@ FACES_SCHEMA = pa.schema(
         ("face", pa.list_(pa.float32(), FACE_SHAPE[0] * FACE_SHAPE[1])),
     ]
 )
-# JPEG bytes do not compress; spending zstd on them only costs time
-FACES_COMPRESSION = {name: "zstd" for name in FACES_SCHEMA.names} | {"jpeg": "none"}
+# JPEG bytes do not compress, and faces (dictionary-encoded, ~256 levels per image) gain
+# ~4% from zstd at 3.5x the write time: compress only the small columns hard.
+FACES_COMPRESSION = {name: "zstd" for name in FACES_SCHEMA.names} | {
+    "jpeg": "none",
+    "face": "lz4",
+}
 
 
 class DatasetNotFound(ObjectNotFound):
@@ -72,8 +77,9 @@ def report_key(version: str, name: str) -> str:
     return f"{version_prefix(version)}report/{name}"
 
 
-def shard_bounds(n_rows: int, shard_rows: int = SHARD_ROWS) -> list[tuple[int, int]]:
+def shard_bounds(n_rows: int, shard_rows: int | None = None) -> list[tuple[int, int]]:
     """[start, stop) row ranges of the fixed-size shards."""
+    shard_rows = shard_rows or SHARD_ROWS
     return [(s, min(s + shard_rows, n_rows)) for s in range(0, n_rows, shard_rows)]
 
 
@@ -228,7 +234,7 @@ def write_face_shards(
     *,
     workers: int = 2,
     chunk_rows: int = 250,
-    shard_rows: int = SHARD_ROWS,
+    shard_rows: int | None = None,
     stats: FaceStats | None = None,
     on_progress: Any = None,
 ) -> dict[str, Any]:
@@ -242,7 +248,7 @@ def write_face_shards(
     from core.lfw import CorruptImageError, iter_processed
 
     stats = stats if stats is not None else FaceStats()
-    bounds = shard_bounds(len(refs), shard_rows)
+    bounds = shard_bounds(len(refs), shard_rows or SHARD_ROWS)
     existing = {info.key for info in storage.list(faces_prefix(version))}
     todo = [i for i in range(len(bounds)) if shard_key(version, i) not in existing]
     done_images = 0
@@ -270,33 +276,47 @@ def write_face_shards(
             chunk_shard.append(i)
     pending: dict[int, list[tuple[list[Any], Any]]] = {}
     results = iter_processed([[r.path for r in c] for c in chunks], params, workers)
-    for chunk, shard, processed in zip(chunks, chunk_shard, results, strict=True):
-        for ref, sha in zip(chunk, processed.sha256, strict=True):
-            if expected_sha[ref.image_id] != sha:
-                raise CorruptImageError(
-                    f"LFW image {ref.path} changed while it was being ingested; re-run"
+    # one background writer overlaps upload with decoding; at most 2 shards in flight
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        in_flight: list[Future[None]] = []
+        for chunk, shard, processed in zip(chunks, chunk_shard, results, strict=True):
+            for ref, sha in zip(chunk, processed.sha256, strict=True):
+                if expected_sha[ref.image_id] != sha:
+                    raise CorruptImageError(
+                        f"LFW image {ref.path} changed while it was being ingested; re-run"
+                    )
+            pending.setdefault(shard, []).append((chunk, processed))
+            start, stop = bounds[shard]
+            if sum(len(c) for c, _ in pending[shard]) == stop - start:
+                parts = pending.pop(shard)
+                rows = [r for c, _ in parts for r in c]
+                faces = np.concatenate([p.faces for _, p in parts])
+                ids = [r.image_id for r in rows]
+                table = faces_table(
+                    ids,
+                    [r.person for r in rows],
+                    [r.index for r in rows],
+                    [split_of[r.person] for r in rows],
+                    [s for _, p in parts for s in p.sha256],
+                    [j for _, p in parts for j in p.jpeg],
+                    faces,
                 )
-        pending.setdefault(shard, []).append((chunk, processed))
-        start, stop = bounds[shard]
-        if sum(len(c) for c, _ in pending[shard]) == stop - start:
-            parts = pending.pop(shard)
-            rows = [r for c, _ in parts for r in c]
-            faces = np.concatenate([p.faces for _, p in parts])
-            ids = [r.image_id for r in rows]
-            table = faces_table(
-                ids,
-                [r.person for r in rows],
-                [r.index for r in rows],
-                [split_of[r.person] for r in rows],
-                [s for _, p in parts for s in p.sha256],
-                [j for _, p in parts for j in p.jpeg],
-                faces,
-            )
-            storage.write_parquet(shard_key(version, shard), table, compression=FACES_COMPRESSION)
-            stats.add(ids, faces)
-        done_images += len(chunk)
-        if on_progress:
-            on_progress(done_images, total)
+                while len(in_flight) >= 2:
+                    in_flight.pop(0).result()
+                in_flight.append(
+                    writer.submit(
+                        storage.write_parquet,
+                        shard_key(version, shard),
+                        table,
+                        compression=FACES_COMPRESSION,
+                    )
+                )
+                stats.add(ids, faces)
+            done_images += len(chunk)
+            if on_progress:
+                on_progress(done_images, total)
+        for fut in in_flight:
+            fut.result()
     return {
         "shards": len(bounds),
         "written_shards": len(todo),

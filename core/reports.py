@@ -41,17 +41,24 @@ def images_per_person_histogram(counts: Sequence[int], title: str = "Images per 
 
 
 def face_grid(faces: np.ndarray, titles: Sequence[str] = (), cols: int = 8) -> bytes:
-    """A grid of grayscale faces (N, H, W), each titled when titles are given."""
-    n = len(faces)
+    """A grid of grayscale faces (N, H, W) drawn as one tiled image (fast), titled if given."""
+    n, h, w = faces.shape
     cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.45), squeeze=False)
-    for i, ax in enumerate(axes.ravel()):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(faces[i], cmap="gray")
-            if i < len(titles):
-                ax.set_title(titles[i][:14], fontsize=6)
+    px, py = 2, 12 if titles else 2  # row gap leaves room for the titles
+    canvas = np.full((rows * (h + py), cols * (w + px) - px), np.nan, np.float32)
+    for i, face in enumerate(faces):
+        r, c = divmod(i, cols)
+        top, left = r * (h + py) + py, c * (w + px)
+        lo, hi = float(face.min()), float(face.max())
+        canvas[top : top + h, left : left + w] = (face - lo) / max(hi - lo, 1e-6)
+    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.5))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+    for i, title in enumerate(titles[:n]):
+        r, c = divmod(i, cols)
+        ax.text(c * (w + px) + w / 2, r * (h + py) + py - 2, title[:16], fontsize=6,
+                ha="center", va="bottom")  # fmt: skip
+    ax.axis("off")
     return png_bytes(fig)
 
 

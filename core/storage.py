@@ -150,25 +150,33 @@ class LocalStorage(_ParquetMixin):
             st = path.stat()
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
-        return ObjectInfo(key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC))
+        return ObjectInfo(
+            key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
+        )
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix`` in lexicographic key order, like S3's ListObjectsV2."""
         base = self.root / prefix if prefix else self.root
         start = base if base.is_dir() else base.parent
         if not start.exists():
             return
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames.sort()
-            for name in sorted(filenames):
+        found: list[tuple[str, Path]] = []
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
                 if name.startswith(".tmp-"):
                     continue
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    st = full.stat()
-                    yield ObjectInfo(
-                        key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
-                    )
+                    found.append((key, full))
+        for key, full in sorted(found):
+            try:
+                st = full.stat()
+            except FileNotFoundError:  # deleted since the walk
+                continue
+            yield ObjectInfo(
+                key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
+            )
 
     def copy(self, src: str, dst: str) -> None:
         self.put_bytes(dst, self.get_bytes(src))
