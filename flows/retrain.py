@@ -1,0 +1,253 @@
+"""The ``retrain`` flow: train PCA and Siamese, evaluate, register, promote, report."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from core.settings import get_settings
+from core.storage import storage_from_uri
+from tasks.retrain import (
+    evaluate_champion,
+    git_commit,
+    prepare_dataset,
+    promote_model,
+    publish_report,
+    register_model,
+    resolve_dataset,
+    train_model,
+)
+
+ModelName = Literal["pca", "siamese"]
+BackendName = Literal["local", "sagemaker"]
+GateMetric = Literal["accuracy", "auc"]
+
+
+def hyperparameters_for(
+    model: str,
+    *,
+    run_view2: bool,
+    eval_pairs: int,
+    seed: int,
+    pca_components: int,
+    siamese_epochs: int,
+    siamese_max_train_seconds: int,
+) -> dict[str, Any]:
+    """The entry point's flags (names as its argparse spells them, without ``--``)."""
+    common = {"view2-folds": 10 if run_view2 else 0, "eval-pairs": eval_pairs, "seed": seed}
+    if model == "pca":
+        return {"n-components": pca_components, **common}
+    if model == "siamese":
+        return {
+            "epochs": siamese_epochs,
+            "max-train-seconds": siamese_max_train_seconds,
+            **common,
+        }
+    raise ValueError(f"unknown model {model!r}")
+
+
+@flow(name="retrain", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def retrain(
+    models: list[ModelName] = ["pca", "siamese"],  # noqa: B006 - Prefect needs a literal
+    backend: BackendName | None = None,
+    data_version: str | None = None,
+    run_view2: bool = True,
+    pca_components: int = 300,
+    siamese_epochs: int = 20,
+    siamese_max_train_seconds: int = 1800,
+    eval_pairs: int = 2000,
+    seed: int = 0,
+    gate_metric: GateMetric = "accuracy",
+    storage_uri: str | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate, register and (if better) promote the face verification models.
+
+    Args:
+        models: which models to train: ``pca`` (eigenfaces/Fisherfaces) and/or
+            ``siamese`` (TensorFlow CNN).
+        backend: ``local`` (subprocess on the worker) or ``sagemaker`` (training jobs);
+            default: the FACEREID_BACKEND setting.
+        data_version: dataset version to train on (default: ``datasets/lfw/latest.json``).
+        run_view2: also run the LFW View 2 10-fold protocol (ten extra trainings per
+            model; slow for the Siamese net on CPU).
+        pca_components: number of principal components of the PCA model.
+        siamese_epochs: maximum training epochs of the Siamese net.
+        siamese_max_train_seconds: time budget of one Siamese training.
+        eval_pairs: same/different pairs drawn from each of the val and test splits.
+        seed: seed of the training runs and of the evaluation pairs.
+        gate_metric: test-split figure a new model must beat to be promoted.
+        storage_uri: ``file://...`` or ``s3://bucket/prefix`` (default: the setting).
+
+    Each model is registered under ``models/<name>/<version>/``; production moves only
+    when the new model strictly beats the current one re-evaluated on the same pairs.
+    A model whose training fails does not stop the others; the run fails at the end.
+    """
+    settings = get_settings()
+    backend = backend or settings.backend
+    storage = storage_from_uri(
+        storage_uri or settings.storage_uri,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.aws_region,
+    )
+    wanted = list(dict.fromkeys(models))
+    if not wanted:
+        raise ValueError("models is empty: name at least one of pca, siamese")
+    manifest = resolve_dataset(storage, data_version)
+    version = str(manifest["version"])
+    cache_dir = settings.cache_path
+    dataset_dir = prepare_dataset(storage, version, cache_dir)
+    run_name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{flow_run.get_name() or 'local'}"
+    work_root = Path(tempfile.mkdtemp(prefix="retrain-", dir=_scratch(cache_dir)))
+    hp = {
+        m: hyperparameters_for(
+            m,
+            run_view2=run_view2,
+            eval_pairs=eval_pairs,
+            seed=seed,
+            pca_components=pca_components,
+            siamese_epochs=siamese_epochs,
+            siamese_max_train_seconds=siamese_max_train_seconds,
+        )
+        for m in wanted
+    }
+
+    def submit(m: str) -> Any:
+        return train_model.with_options(name=f"train-{m}").submit(
+            m, backend, storage, version, dataset_dir, hp[m], work_root / m, settings
+        )
+
+    # SageMaker jobs run remotely: submit them all and wait together. Locally the two
+    # trainings would fight over the same few cores (TensorFlow and BLAS each use all
+    # of them), so they run one after the other: same total time, steadier logs.
+    trained: dict[str, Any] = {}
+    try:
+        if backend == "sagemaker":
+            futures = {m: submit(m) for m in wanted}
+            for m, fut in futures.items():
+                trained[m] = _outcome(fut)
+        else:
+            for m in wanted:
+                trained[m] = _outcome(submit(m))
+        outcomes = _register_and_promote(
+            storage,
+            wanted,
+            trained,
+            manifest,
+            backend,
+            hp,
+            dataset_dir,
+            eval_pairs,
+            seed,
+            gate_metric,
+            cache_dir,
+        )
+    finally:
+        shutil.rmtree(work_root, ignore_errors=True)  # artifacts are in the registry now
+
+    report = publish_report(storage, run_name, version, backend, outcomes)
+    summary = {
+        "data_version": version,
+        "backend": backend,
+        "report_key": report["report_key"],
+        "roc_key": report["roc_key"],
+        "models": {
+            m: (
+                {"error": out["error"]}
+                if "error" in out
+                else {
+                    "version": out["version"],
+                    "accuracy": (out["metrics"].get("test") or out["metrics"]).get("accuracy"),
+                    "auc": (out["metrics"].get("test") or out["metrics"]).get("auc"),
+                    "view2": out["metrics"].get("view2"),
+                    "promoted": out["decision"]["promoted"],
+                    "reason": out["decision"]["reason"],
+                }
+            )
+            for m, out in outcomes.items()
+        },
+    }
+    failed = {m: out["error"] for m, out in outcomes.items() if "error" in out}
+    if failed:
+        raise RuntimeError(f"training failed for {sorted(failed)}: {failed}")
+    return summary
+
+
+def _register_and_promote(
+    storage: Any,
+    wanted: list[str],
+    trained: dict[str, Any],
+    manifest: dict[str, Any],
+    backend: str,
+    hp: dict[str, dict[str, Any]],
+    dataset_dir: Path,
+    eval_pairs: int,
+    seed: int,
+    gate_metric: str,
+    cache_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """Per trained model: re-evaluate the champion, register, promote if better."""
+    logger = get_run_logger()
+    version = str(manifest["version"])
+    commit = git_commit(Path(__file__).resolve().parent.parent)
+    outcomes: dict[str, dict[str, Any]] = {}
+    for m in wanted:
+        result = trained[m]
+        if isinstance(result, BaseException):
+            logger.error("training %s failed: %s", m, result)
+            outcomes[m] = {"error": str(result)}
+            continue
+        champion = evaluate_champion(storage, m, dataset_dir, eval_pairs, seed, cache_dir)
+        model_meta = _model_json(result.model_dir)
+        card = {
+            "kind": m,
+            "data_version": version,
+            "backend": backend,
+            "git_commit": commit,
+            "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "train_seconds": result.metrics.get("train_seconds"),
+            "wall_seconds": result.wall_seconds,
+            "training_job": result.job_name or "",
+            "hyperparameters": model_meta.get("hyperparameters") or hp[m],
+            "preprocessing": model_meta.get("preprocessing") or manifest.get("preprocessing"),
+        }
+        model_version = register_model(storage, result, card, datetime.now(UTC))
+        decision = promote_model(storage, m, model_version, gate_metric, champion)
+        outcomes[m] = {
+            "version": model_version,
+            "metrics": result.metrics,
+            "decision": decision,
+            "champion": champion,
+        }
+    return outcomes
+
+
+def _scratch(cache_dir: Path) -> Path:
+    path = Path(cache_dir) / "retrain"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _outcome(future: Any) -> Any:
+    """The task's result, or the exception it failed with (so other models go on)."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - reported per model, re-raised at the end
+        return exc
+
+
+def _model_json(model_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = Path(model_dir) / "model.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+if __name__ == "__main__":
+    print(retrain())
