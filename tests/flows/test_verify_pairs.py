@@ -348,3 +348,69 @@ def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir
     assert table.column("status").to_pylist() == ["ok"]
     assert _run(list_key="incoming/two.csv")["processed"] == []
     assert [p["list_key"] for p in _run()["processed"]] == ["incoming/one.csv"]
+
+
+def _events_for(key: str) -> list:
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from flows.poll_incoming import EVENT_NAME, resource_id
+
+    event_filter = EventFilter(
+        event=EventNameFilter(name=[EVENT_NAME]),
+        resource=EventResourceFilter(id=[resource_id(key)]),
+    )
+    events: list = []
+    for _ in range(50):  # events are sent by a background worker: wait for them to land
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=event_filter, limit=50).events
+        if events:
+            time.sleep(1.0)  # and for a duplicate, if one were ever sent
+            with get_client(sync_client=True) as client:
+                return client.read_events(filter=event_filter, limit=50).events
+        time.sleep(0.2)
+    return events
+
+
+def test_drop_poll_verify_fetch(local_storage, settings_env, pca_model_dir, tmp_path):
+    """The CLI chores and the poller: one event per new list version, never twice."""
+    from core.cli_verify import drop_pair_list, fetch_latest_results
+    from core.pairlists import PairListError
+    from flows.poll_incoming import poll_incoming
+
+    storage = local_storage
+    settings_env(storage)
+    _promote(storage, pca_model_dir)
+    for image in range(2):
+        storage.put_bytes(f"uploads/b{image}.jpg", _face_bytes(4, image))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("left,right\nuploads/b0.jpg,uploads/b1.jpg\n")
+    with pytest.raises(PairListError, match="missing required column"):
+        drop_pair_list(storage, bad)
+    with pytest.raises(ValueError, match="invalid list name"):
+        drop_pair_list(storage, bad, name="../escape.csv")
+    assert list(storage.list("incoming/")) == []
+
+    good = tmp_path / "mine.csv"
+    good.write_text("pair_id,image_a,image_b,label\nq1,uploads/b0.jpg,uploads/b1.jpg,1\n")
+    key = drop_pair_list(storage, good, name="team/nightly.csv")
+    assert key == "incoming/team/nightly.csv"
+
+    first = poll_incoming()
+    assert [a["list_key"] for a in first["announced"]] == [key]
+    assert poll_incoming()["announced"] == []  # already announced: no second event
+    events = _events_for(key)
+    assert len(events) == 1 and events[0].payload["list_key"] == key
+
+    out = _run(list_key=key)
+    assert out["processed"][0]["metrics"]["accuracy"] == 1.0
+    local = fetch_latest_results(storage, "nightly", tmp_path / "dl")
+    rows = pq.read_table(local).to_pylist()
+    assert [(r["pair_id"], r["status"], r["same_person"]) for r in rows] == [("q1", "ok", True)]
+    assert local.with_suffix(".csv").read_text().count("\n") == 2
+
+    good.write_text("pair_id,image_a,image_b\nq2,uploads/b1.jpg,uploads/b0.jpg\n")
+    drop_pair_list(storage, good, name="team/nightly.csv")  # an edit: a new version
+    assert [a["list_key"] for a in poll_incoming()["announced"]] == [key]

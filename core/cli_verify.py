@@ -1,0 +1,75 @@
+"""The pair-list chores behind ``facereid drop`` and ``facereid results``.
+
+``drop_pair_list`` parses the whole list locally first (the same parser the flow uses),
+so a list that the flow would reject never reaches ``incoming/``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import Any
+
+from core.ledger import INCOMING
+from core.pairlists import PairListError, is_pair_list, list_format, validate_pair_list
+
+
+def incoming_key(local_path: Path, name: str | None = None) -> str:
+    """``incoming/<name>``; ``name`` may hold sub-folders but never ``..`` or a leading /."""
+    name = (name or local_path.name).strip()
+    norm = posixpath.normpath(name)
+    if not name or name.startswith("/") or norm != name or ".." in name.split("/"):
+        raise ValueError(f"invalid list name {name!r}: use a relative name like team/list.csv")
+    if not is_pair_list(name):
+        raise ValueError(f"list name {name!r} must end in .csv, .parquet or .pq")
+    return INCOMING + name
+
+
+def drop_pair_list(storage: Any, local_path: Path | str, name: str | None = None) -> str:
+    """Validate a local pair list, then upload it to ``incoming/<name>``; returns the key.
+
+    Raises ValueError (PairListError) when the list cannot be parsed or named. Lists
+    with some bad rows are uploaded: those rows get status ``invalid_row`` in the results.
+    """
+    local_path = Path(local_path)
+    if not local_path.is_file():
+        raise ValueError(f"{local_path} is not a file")
+    key = incoming_key(local_path, name)
+    report = validate_pair_list(local_path, list_format(key))
+    if report.rows == 0:
+        raise PairListError(f"{local_path}: the list has a header but no rows")
+    content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
+    storage.put_bytes(key, local_path.read_bytes(), content_type)
+    if report.invalid_rows:
+        print(
+            f"warning: {report.invalid_rows} of {report.rows} rows are invalid and will be "
+            f"reported as invalid_row; first: {report.first_errors[:3]}"
+        )
+    return key
+
+
+def latest_result_key(storage: Any, list_stem: str) -> str:
+    """Key of the newest ``results/<list_stem>/<run-id>.parquet``."""
+    if not list_stem or "/" in list_stem or list_stem in (".", ".."):
+        raise ValueError(f"invalid list stem {list_stem!r}")
+    found = [i for i in storage.list(f"results/{list_stem}/") if i.key.endswith(".parquet")]
+    if not found:
+        raise FileNotFoundError(f"no results for {list_stem!r} under {storage.url_for('results/')}")
+    return max(found, key=lambda i: (i.last_modified, i.key)).key
+
+
+def fetch_latest_results(storage: Any, list_stem: str, dest: Path | str) -> Path:
+    """Download the newest results of a list (Parquet + CSV twin) into ``dest``.
+
+    Returns the local Parquet path; the CSV lands beside it.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    key = latest_result_key(storage, list_stem)
+    run_id = key.rsplit("/", 1)[-1].removesuffix(".parquet")
+    out = dest / f"{list_stem}-{run_id}.parquet"
+    out.write_bytes(storage.get_bytes(key))
+    csv_key = key.removesuffix(".parquet") + ".csv"
+    if storage.exists(csv_key):
+        out.with_suffix(".csv").write_bytes(storage.get_bytes(csv_key))
+    return out
