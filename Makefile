@@ -45,10 +45,13 @@ demo: venv
 test: venv
 	scripts/with_test_services.sh scripts/test.sh $(PYTEST_ARGS)
 
+# all three always run; the target fails when any of them does
 lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check . || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	exit $$rc
 
 format: venv
 	$(BIN)/ruff check --fix .
