@@ -152,7 +152,13 @@ def run_streaming(
         text=True,
         bufsize=1,
     ) as proc:
-        watchdog = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+        fired = threading.Event()
+
+        def kill() -> None:
+            fired.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout_s, kill) if timeout_s else None
         if watchdog:
             watchdog.start()
         try:
@@ -165,7 +171,7 @@ def run_streaming(
         finally:
             if watchdog:
                 watchdog.cancel()
-        if watchdog and not watchdog.is_alive() and code < 0:
+        if fired.is_set():
             tail.append(f"[local backend] killed after the {timeout_s:.0f}s timeout")
     return code, list(tail)
 

@@ -1,0 +1,226 @@
+"""Registry: versions, model card, ROC, champion/challenger and the atomic pointer."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core import registry
+from core.storage import LocalStorage
+
+T0 = datetime(2026, 12, 4, 20, 30, 0, tzinfo=UTC)
+
+
+def make_model_dir(
+    root: Path, accuracy: float, n_components: int = 4, seed: int = 0
+) -> tuple[Path, dict]:
+    """A real PCA model dir (fitted on random faces) plus its metrics."""
+    from models.loading import write_model_json
+    from models.pca import PCAEmbedder
+
+    rng = np.random.default_rng(seed)
+    faces = rng.normal(size=(24, 68, 56)).astype(np.float32)
+    labels = np.repeat(np.arange(6), 4).astype(str)
+    model = PCAEmbedder(n_components=n_components, lda=False).fit(faces, labels)
+    model.save(root)
+    write_model_json(root, "pca", 0.42, model.embedding_dim_, {"n_components": n_components})
+    roc = {"fpr": [0.0, 0.1, 1.0], "tpr": [0.0, 0.8, 1.0]}
+    metrics = {
+        "kind": "pca",
+        "threshold": 0.42,
+        "accuracy": accuracy,
+        "auc": 0.9,
+        "roc": roc,
+        "test": {"accuracy": accuracy, "auc": 0.9, "threshold": 0.42, "roc": roc},
+        "train_seconds": 1.5,
+    }
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    return root, metrics
+
+
+CARD = {
+    "kind": "pca",
+    "data_version": "0123456789abcdef",
+    "backend": "local",
+    "git_commit": "abc123",
+    "trained_at": "2026-12-04T20:30:00+00:00",
+    "train_seconds": 1.5,
+    "hyperparameters": {"n_components": 4},
+    "preprocessing": {"height": 68, "width": 56},
+}
+
+
+def test_pack_is_reproducible_and_round_trips(tmp_path: Path) -> None:
+    model_dir, _ = make_model_dir(tmp_path / "m", 0.8)
+    a = registry.pack_model_dir(model_dir)
+    (model_dir / "model.json").touch()  # new mtime, same bytes
+    b = registry.pack_model_dir(model_dir)
+    assert a == b
+    out = registry.unpack_model_archive(a, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    assert (out / "pca.npz").read_bytes() == (model_dir / "pca.npz").read_bytes()
+
+
+def test_register_writes_artifact_metrics_card_and_roc(any_storage, tmp_path: Path) -> None:
+    model_dir, metrics = make_model_dir(tmp_path / "m", 0.8)
+    version = registry.register_version(
+        any_storage, "pca", model_dir, metrics, CARD, extra_files={"eigenfaces.png": b"png"}, now=T0
+    )
+    archive = registry.pack_model_dir(model_dir)
+    assert version.startswith("20261204T203000Z-") and len(version) == len("20261204T203000Z-") + 6
+    assert version == registry.new_version(archive, T0)  # the hash is the artifact's
+    prefix = f"models/pca/{version}/"
+    keys = {i.key for i in any_storage.list(prefix)}
+    assert keys == {
+        prefix + k
+        for k in ("model.tar.gz", "metrics.json", "model_card.md", "roc.png", "eigenfaces.png")
+    }
+    assert any_storage.get_bytes(prefix + "model.tar.gz") == archive
+    assert any_storage.get_bytes(prefix + "roc.png").startswith(b"\x89PNG")
+    stored = json.loads(any_storage.get_bytes(prefix + "metrics.json"))
+    assert stored["accuracy"] == 0.8 and stored["version"] == version
+    assert stored["model"] == {"kind": "pca", "threshold": 0.42, "embedding_dim": 4}
+    card = any_storage.get_bytes(prefix + "model_card.md").decode()
+    for needle in ("0123456789abcdef", "abc123", "| backend | local |", "n_components", "0.8000"):
+        assert needle in card
+    assert registry.list_versions(any_storage, "pca") == [version]
+
+
+def test_first_model_is_promoted_then_only_strictly_better(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    assert registry.get_production(storage, "pca") is None
+
+    good_dir, good = make_model_dir(tmp_path / "good", 0.80, seed=1)
+    v1 = registry.register_version(storage, "pca", good_dir, good, CARD, now=T0)
+    d1 = registry.promote_if_better(storage, "pca", v1)
+    assert d1["promoted"] and "first model" in d1["reason"]
+    pointer = registry.get_production(storage, "pca")
+    assert pointer["version"] == v1
+    assert pointer["artifact_key"] == f"models/pca/{v1}/model.tar.gz"
+    assert pointer["threshold"] == 0.42 and pointer["gate_value"] == 0.80
+    assert pointer["data_version"] == "0123456789abcdef"
+
+    worse_dir, worse = make_model_dir(tmp_path / "worse", 0.75, seed=2)
+    v2 = registry.register_version(storage, "pca", worse_dir, worse, CARD, now=T0)
+    d2 = registry.promote_if_better(storage, "pca", v2)
+    assert not d2["promoted"]
+    assert (d2["challenger_value"], d2["champion_value"]) == (0.75, 0.80)
+    assert registry.get_production(storage, "pca")["version"] == v1
+
+    equal_dir, equal = make_model_dir(tmp_path / "equal", 0.80, seed=3)
+    v3 = registry.register_version(storage, "pca", equal_dir, equal, CARD, now=T0)
+    assert not registry.promote_if_better(storage, "pca", v3)["promoted"]  # ties keep the champion
+
+    # the re-evaluated champion figure wins over the recorded one
+    better_dir, better = make_model_dir(tmp_path / "better", 0.79, seed=4)
+    v4 = registry.register_version(storage, "pca", better_dir, better, CARD, now=T0)
+    d4 = registry.promote_if_better(
+        storage, "pca", v4, champion_value=0.70, champion_value_source="re-evaluated"
+    )
+    assert d4["promoted"] and d4["champion_recorded_value"] == 0.80
+    assert d4["champion_value"] == 0.70
+    pointer = registry.get_production(storage, "pca")
+    assert pointer["version"] == v4 and pointer["previous_version"] == v1
+
+    # every decision is stored next to its version, with both figures
+    stored = json.loads(storage.get_bytes(f"models/pca/{v2}/promotion.json"))
+    assert stored["promoted"] is False and stored["champion_version"] == v1
+    assert stored["challenger_value"] == 0.75 and stored["champion_value"] == 0.80
+
+
+def test_tampered_gate_figure_is_what_the_gate_sees(tmp_path: Path) -> None:
+    """Without a re-evaluation, the recorded production figure is the bar to beat."""
+    storage = LocalStorage(tmp_path / "store")
+    d1, m1 = make_model_dir(tmp_path / "a", 0.80, seed=1)
+    v1 = registry.register_version(storage, "pca", d1, m1, CARD, now=T0)
+    registry.promote_if_better(storage, "pca", v1)
+    pointer = registry.get_production(storage, "pca")
+    storage.put_bytes(
+        "models/pca/production.json", json.dumps({**pointer, "gate_value": 0.99}).encode()
+    )
+    d2, m2 = make_model_dir(tmp_path / "b", 0.95, seed=2)
+    v2 = registry.register_version(storage, "pca", d2, m2, CARD, now=T0)
+    decision = registry.promote_if_better(storage, "pca", v2)
+    assert not decision["promoted"] and decision["champion_value"] == 0.99
+
+
+def test_pointer_is_always_whole_json_under_concurrent_promotions(tmp_path: Path) -> None:
+    """Readers racing many pointer writes only ever see a complete pointer."""
+    storage = LocalStorage(tmp_path / "store")
+    versions = []
+    for i in range(6):
+        d, m = make_model_dir(tmp_path / f"m{i}", 0.5 + i * 0.05, seed=i)
+        versions.append(registry.register_version(storage, "pca", d, m, CARD, now=T0))
+    registry.promote_if_better(storage, "pca", versions[0])
+    stop = threading.Event()
+    seen: list[str] = []
+    errors: list[Exception] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(registry.get_production(storage, "pca")["version"])
+            except Exception as exc:  # a torn write would show up here
+                errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in versions[1:]:
+        registry.promote_if_better(storage, "pca", v)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert set(seen) <= set(versions)
+    assert registry.get_production(storage, "pca")["version"] == versions[-1]
+
+
+def test_load_production_model_downloads_once_and_embeds(any_storage, tmp_path: Path) -> None:
+    with pytest.raises(registry.RegistryError, match="no production model"):
+        registry.load_production_model(any_storage, "pca", tmp_path / "cache")
+    d, m = make_model_dir(tmp_path / "m", 0.8)
+    v = registry.register_version(any_storage, "pca", d, m, CARD, now=T0)
+    registry.promote_if_better(any_storage, "pca", v)
+
+    pointer, embedder = registry.load_production_model(any_storage, "pca", tmp_path / "cache")
+    assert pointer["version"] == v
+    assert (tmp_path / "cache" / "pca" / v / "model.json").is_file()
+    assert embedder.kind == "pca" and embedder.threshold == pytest.approx(0.42)
+    faces = np.random.default_rng(0).normal(size=(3, 68, 56)).astype(np.float32)
+    emb = embedder.embed(faces)
+    assert emb.shape == (3, 4)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+    # a second load uses the cache: it works even with the artifact gone from storage
+    any_storage.delete(pointer["artifact_key"])
+    pointer2, embedder2 = registry.load_production_model(any_storage, "pca", tmp_path / "cache")
+    np.testing.assert_allclose(embedder2.embed(faces), emb, rtol=1e-6)
+
+
+def test_malformed_pointer_is_a_clear_error(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    storage.put_bytes("models/pca/production.json", b'{"name": "pca"')
+    with pytest.raises(registry.RegistryError, match="not valid JSON"):
+        registry.get_production(storage, "pca")
+    storage.put_bytes("models/pca/production.json", b'{"name": "pca"}')
+    with pytest.raises(registry.RegistryError, match="lacks"):
+        registry.get_production(storage, "pca")
+
+
+def test_incomplete_versions_are_not_listed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    storage.put_bytes("models/pca/20260101T000000Z-aaaaaa/model.tar.gz", b"partial upload")
+    assert registry.list_versions(storage, "pca") == []
+
+
+def test_roc_plot_of_several_curves_is_a_png() -> None:
+    png = registry.plot_roc_curves(
+        {"a": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1]}, "b": {"fpr": [0, 1], "tpr": [0, 1]}}
+    )
+    assert png.startswith(b"\x89PNG")
