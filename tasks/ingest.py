@@ -25,6 +25,7 @@ from core import dataset as ds
 from core import reports
 from core.lfw import (
     ImageRef,
+    LfwError,
     LfwSource,
     Protocol,
     check_protocol_against_images,
@@ -96,7 +97,15 @@ def check_storage(storage: Storage) -> None:
     next(iter(storage.list(ds.DATASET_ROOT)), None)
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def _retry_on_download(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed download, not a missing file in an offline copy."""
+    exc = state.result(raise_on_failure=False)
+    return type(exc) is LfwError or isinstance(exc, ConnectionError | TimeoutError)
+
+
+@task(
+    cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_on_download
+)
 def locate_lfw_data(data_home: str | None, download_if_missing: bool) -> LfwSource:
     """scikit-learn's layout check (downloads only when allowed)."""
     source = locate_lfw(data_home, download_if_missing=download_if_missing)
