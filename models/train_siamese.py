@@ -1,0 +1,148 @@
+"""SageMaker script-mode entry point for the Siamese (CosFace-trained CNN) model.
+
+Runs as ``python train_siamese.py`` inside a staged source dir (see models/source_dir.py) or
+as ``python -m models.train_siamese`` from the repository root. Reads the dataset channel
+(``SM_CHANNEL_TRAIN``), trains on the ``train`` split for ``--epochs`` or until
+``--max-train-seconds``, fits the threshold on ``val`` pairs, reports on ``test`` pairs,
+optionally runs LFW View 2 (``--view2-folds``; expensive), and writes model.json,
+model.keras, savedmodel/1/ and metrics.json to ``SM_MODEL_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if __package__ in (None, ""):  # run as a script: make the sibling `models` package importable
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
+
+from models.evaluation import evaluate_candidate, run_view2  # noqa: E402
+from models.loading import read_channel, write_training_outputs  # noqa: E402
+from models.siamese import SiameseConfig, train_siamese  # noqa: E402
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(value).replace(" ", "").strip("[]()").split(",") if v)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = SiameseConfig()
+    p = argparse.ArgumentParser(description="Train the Siamese face embedder (script mode).")
+    # hyperparameters
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-train-seconds", type=float, default=0.0, help="0 = no time budget")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--filters", type=int_list, default=d.filters, help="e.g. 32,64,128,256")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--margin", type=float, default=d.margin)
+    p.add_argument("--scale", type=float, default=d.scale)
+    p.add_argument("--min-images-per-identity", type=int, default=d.min_images_per_identity)
+    p.add_argument("--eval-pairs", type=int, default=2000, help="val and test pairs each")
+    p.add_argument("--view2-folds", type=int, default=0, help="0 = skip the View 2 protocol")
+    p.add_argument("--export-savedmodel", type=int, default=1, help="1 = write savedmodel/1/")
+    p.add_argument("--seed", type=int, default=d.seed)
+    # SageMaker environment
+    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    p.add_argument(
+        "--train", default=os.environ.get("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
+    )
+    p.add_argument(
+        "--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")
+    )
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        print(f"ignoring unknown arguments: {unknown}", flush=True)
+    return args
+
+
+def make_config(args: argparse.Namespace, face_shape: tuple[int, int]) -> SiameseConfig:
+    return SiameseConfig(
+        epochs=args.epochs,
+        max_train_seconds=args.max_train_seconds or None,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        filters=tuple(args.filters),
+        embedding_dim=args.embedding_dim,
+        dropout=args.dropout,
+        margin=args.margin,
+        scale=args.scale,
+        min_images_per_identity=args.min_images_per_identity,
+        seed=args.seed,
+        face_shape=face_shape,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[train_siamese] {message}", flush=True)
+
+
+def train(args: argparse.Namespace) -> dict:
+    log(f"reading dataset channel {args.train}")
+    data = read_channel(args.train)
+    shape = (int(data.faces.shape[1]), int(data.faces.shape[2]))
+    config = make_config(args, shape)
+    faces, persons, _ = data.subset("train")
+    log(f"training on {len(faces)} train images of {len(set(persons.tolist()))} people")
+    t0 = time.time()
+    model = train_siamese(faces, persons, config, log=log)
+    train_seconds = time.time() - t0
+    evaluation = evaluate_candidate(
+        model,
+        data.faces,
+        data.image_ids,
+        data.splits,
+        data.persons,
+        n_pairs=args.eval_pairs,
+        seed=args.seed,
+    )
+    log(
+        f"threshold {evaluation['threshold']:.4f} (fitted on val); test accuracy "
+        f"{evaluation['test']['accuracy']:.4f} auc {evaluation['test']['auc']:.4f}"
+    )
+    view2 = None
+    if args.view2_folds > 0 and "pairs_view2" in data.protocol:
+        log(f"LFW View 2 protocol over {args.view2_folds} folds")
+        view2 = run_view2(
+            lambda f, y: train_siamese(f, y, config, log=log),
+            data.faces,
+            data.image_ids,
+            data.people_folds(),
+            data.pair_table("pairs_view2"),
+            folds=range(args.view2_folds),
+            log=log,
+        )
+        log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
+    model.save(args.model_dir, export_savedmodel=bool(args.export_savedmodel))
+    hyper = config.to_dict() | {
+        "eval_pairs": args.eval_pairs,
+        "view2_folds": args.view2_folds,
+        "epochs_trained": model.epochs_trained_,
+    }
+    hyper.pop("extra", None)
+    metrics = write_training_outputs(
+        args.model_dir,
+        args.output_data_dir,
+        "siamese",
+        evaluation,
+        model.embedding_dim,
+        hyper,
+        data,
+        train_seconds,
+        view2,
+    )
+    log(f"wrote model and metrics to {args.model_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    train(parse_args())

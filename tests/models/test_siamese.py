@@ -1,0 +1,95 @@
+"""Siamese embedder: tiny real TensorFlow training, flip invariance, safe_mode round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluation import score_pairs
+from models.siamese import SiameseConfig, SiameseEmbedder, train_siamese
+from tests.models.synthetic import make_faces
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(batch_size=32, filters=(8, 16), embedding_dim=16)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_faces(n_people=10, per_person=6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    faces, labels, _ = data
+    return train_siamese(faces, labels, SiameseConfig(epochs=2, **TINY), log=lambda m: None)
+
+
+def test_embeddings_are_l2_normalised_and_flip_invariant(trained, data):
+    faces = data[0][:8]
+    emb = trained.embed(faces)
+    assert emb.shape == (8, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # flip-averaged embeddings: a mirrored face scores as the same person (cosine ~ 1)
+    flipped = trained.embed(faces[:, :, ::-1])
+    np.testing.assert_allclose(score_pairs(emb, flipped), 1.0, atol=1e-5)
+    # (N, H, W, 1) input gives the same embeddings
+    np.testing.assert_allclose(trained.embed(faces[..., None]), emb, atol=1e-6)
+
+
+def test_time_budget_stops_training_cleanly(data):
+    faces, labels, _ = data
+    model = train_siamese(
+        faces, labels, SiameseConfig(epochs=50, max_train_seconds=1e-3, **TINY), log=lambda m: None
+    )
+    assert model.epochs_trained_ == 1
+    assert model.embed(faces[:2]).shape == (2, 16)
+
+
+def test_needs_identities_with_two_images():
+    faces, labels, _ = make_faces(n_people=3, per_person=1)
+    with pytest.raises(ValueError, match=">= 2 images"):
+        train_siamese(faces, labels, SiameseConfig(epochs=1, **TINY))
+
+
+def test_save_then_load_with_safe_mode_in_a_fresh_process(tmp_path, trained, data):
+    faces = data[0][:5]
+    trained.save(tmp_path / "model")
+    assert (tmp_path / "model" / "model.keras").exists()
+    assert (tmp_path / "model" / "savedmodel" / "1" / "saved_model.pb").exists()
+    np.save(tmp_path / "faces.npy", faces)
+    np.save(tmp_path / "expected.npy", trained.embed(faces))
+    script = textwrap.dedent(f"""
+        import json, numpy as np, keras, tensorflow as tf
+        import models.siamese  # registers the custom layers
+        d = {str(tmp_path)!r}
+        faces, expected = np.load(d + "/faces.npy"), np.load(d + "/expected.npy")
+        m = keras.models.load_model(d + "/model/model.keras", safe_mode=True)
+        keras_err = float(np.abs(np.asarray(m(faces)) - expected).max())
+        sm = tf.saved_model.load(d + "/model/savedmodel/1")
+        out = sm.signatures["serving_default"](faces=tf.constant(faces))["embeddings"].numpy()
+        out4 = sm.signatures["serve_nhwc"](faces=tf.constant(faces[..., None]))["embeddings"]
+        print(json.dumps({{"keras": keras_err,
+                          "serving": float(np.abs(out - expected).max()),
+                          "serving_nhwc": float(np.abs(out4.numpy() - expected).max()),
+                          "signatures": sorted(sm.signatures)}}))
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["keras"] < 1e-5 and result["serving"] < 1e-5 and result["serving_nhwc"] < 1e-5
+    assert result["signatures"] == ["serve_nhwc", "serving_default"]
+    loaded = SiameseEmbedder.load(tmp_path / "model")
+    np.testing.assert_allclose(loaded.embed(faces), np.load(tmp_path / "expected.npy"), atol=1e-5)
