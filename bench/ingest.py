@@ -9,11 +9,19 @@ Measures, in one process and one run:
    local storage root;
 3. the same flow into a moto S3 server this script starts on 127.0.0.1.
 
+The flow itself is timed (``ingest_lfw(...)``: Prefect engine, task runs, artifacts and
+the spawn pool included), each time into an empty store so the full work is done; the
+re-run ("already ingested") time is printed too.
+
 The page cache is warmed once before timing so neither side pays for the first disk read.
 Prefect's temporary API server is started (and warmed with a trivial flow) before timing:
 server start-up is not ingest work.
 
     nice .venv/bin/python bench/ingest.py [--data-home ../shared/data] [--targets local,s3]
+        [--repeat 3]
+
+Rounds are interleaved (sklearn, local, s3, sklearn, ...) and medians reported, because
+on a shared machine one measurement says more about the neighbours than about the code.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +60,7 @@ def sklearn_cold_load(lfw_home: Path, scratch: Path) -> tuple[float, int]:
     from sklearn.datasets import fetch_lfw_people
 
     data_home = scratch / "sk_data"
-    (data_home / "lfw_home").mkdir(parents=True)
+    (data_home / "lfw_home").mkdir(parents=True)  # fresh: joblib cache starts empty
     for entry in lfw_home.iterdir():
         if entry.name != "joblib":
             (data_home / "lfw_home" / entry.name).symlink_to(entry)
@@ -84,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-home", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--targets", default="local,s3")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (load noise)")
     args = parser.parse_args()
     lfw_home = Path(args.data_home).resolve() / "lfw_home"
     targets = [t for t in args.targets.split(",") if t]
@@ -101,15 +111,10 @@ def main() -> None:
         }
     )
     moto = None
+    rows: list[tuple[int, str, float]] = []  # (round, what, seconds)
     try:
         n_files = warm_page_cache(lfw_home)
         print(f"LFW: {lfw_home} ({n_files} JPEGs, page cache warmed)")
-
-        sk_s, sk_n = sklearn_cold_load(lfw_home, scratch)
-        print(
-            f"sklearn fetch_lfw_people (empty joblib cache): {sk_n} images in {sk_s:.2f} s "
-            f"= {sk_n / sk_s:.0f} images/s"
-        )
 
         from prefect import flow
         from prefect.testing.utilities import prefect_test_harness
@@ -123,37 +128,64 @@ def main() -> None:
 
         with prefect_test_harness(server_startup_timeout=180):
             warm_up()
-            for target in targets:
-                if target == "local":
-                    uri = f"file://{scratch / 'store'}"
-                    os.environ.pop("FACEREID_S3_ENDPOINT_URL", None)
-                elif target == "s3":
-                    import boto3
-
-                    moto, endpoint = start_moto()
-                    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-                    os.environ["FACEREID_S3_ENDPOINT_URL"] = endpoint
-                    uri = "s3://bench/facereid"
-                else:
-                    raise SystemExit(f"unknown target {target!r}")
-                get_settings.cache_clear()
-                t0 = time.perf_counter()
-                result = ingest_lfw(data_home=str(lfw_home.parent), storage_uri=uri)
-                took = time.perf_counter() - t0
-                n = result["counts"]["images"]
-                t1 = time.perf_counter()
-                again = ingest_lfw(data_home=str(lfw_home.parent), storage_uri=uri)
-                rerun = time.perf_counter() - t1
+            for rnd in range(args.repeat):
+                sk_s, sk_n = sklearn_cold_load(lfw_home, scratch / f"round{rnd}")
+                rows.append((rnd, "sklearn", sk_s))
                 print(
-                    f"ingest_lfw flow -> {target} ({uri}): {n} images in {took:.2f} s = "
-                    f"{n / took:.0f} images/s; ratio to sklearn = {took / sk_s:.2f}x "
-                    f"(target <= 1.2x); status={result['status']} version={result['version']}"
+                    f"[round {rnd}] sklearn fetch_lfw_people (empty joblib cache): {sk_n} images "
+                    f"in {sk_s:.2f} s = {sk_n / sk_s:.0f} images/s",
+                    flush=True,
                 )
-                print(f"  re-run: status={again['status']} in {rerun:.2f} s")
-                if moto is not None:
-                    moto.terminate()
-                    moto.wait(timeout=10)
-                    moto = None
+                for target in targets:
+                    if target == "local":
+                        uri = f"file://{scratch / f'round{rnd}' / 'store'}"
+                        os.environ.pop("FACEREID_S3_ENDPOINT_URL", None)
+                    elif target == "s3":
+                        import boto3
+
+                        moto, endpoint = start_moto()
+                        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+                        os.environ["FACEREID_S3_ENDPOINT_URL"] = endpoint
+                        uri = "s3://bench/facereid"
+                    else:
+                        raise SystemExit(f"unknown target {target!r}")
+                    get_settings.cache_clear()
+                    t0 = time.perf_counter()
+                    result = ingest_lfw(data_home=str(lfw_home.parent), storage_uri=uri)
+                    took = time.perf_counter() - t0
+                    rows.append((rnd, target, took))
+                    n = result["counts"]["images"]
+                    t1 = time.perf_counter()
+                    again = ingest_lfw(data_home=str(lfw_home.parent), storage_uri=uri)
+                    rerun = time.perf_counter() - t1
+                    print(
+                        f"[round {rnd}] ingest_lfw flow -> {target} ({uri}): {n} images in "
+                        f"{took:.2f} s = {n / took:.0f} images/s; ratio to sklearn = "
+                        f"{took / sk_s:.2f}x; status={result['status']} "
+                        f"version={result['version']}; re-run: {again['status']} in {rerun:.2f} s",
+                        flush=True,
+                    )
+                    if moto is not None:
+                        moto.terminate()
+                        moto.wait(timeout=10)
+                        moto = None
+                shutil.rmtree(scratch / f"round{rnd}", ignore_errors=True)
+        print("\nsummary (median over rounds; target: ingest <= 1.2x sklearn)")
+        sk_med = statistics.median(s for _, w, s in rows if w == "sklearn")
+        print(f"  sklearn fetch_lfw_people: {sk_med:.2f} s ({n_files / sk_med:.0f} images/s)")
+        for target in targets:
+            times = [s for _, w, s in rows if w == target]
+            ratios = [
+                s / next(x for r2, w2, x in rows if r2 == r and w2 == "sklearn")
+                for r, w, s in rows
+                if w == target
+            ]
+            med = statistics.median(times)
+            print(
+                f"  ingest_lfw -> {target}: {med:.2f} s ({n_files / med:.0f} images/s); "
+                f"ratio median {statistics.median(ratios):.2f}x, per round "
+                + ", ".join(f"{r:.2f}x" for r in ratios)
+            )
     finally:
         if moto is not None:
             moto.terminate()
