@@ -8,6 +8,7 @@ filesystem layer; s3fs trips over the empty "directory" objects pyarrow writes).
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import posixpath
@@ -59,6 +60,8 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
     def url_for(self, key: str) -> str: ...
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]: ...
+    def write_parquet(self, key: str, table: pa.Table, **kwargs: Any) -> None: ...
+    def read_parquet(self, key: str, columns: builtins.list[str] | None = None) -> pa.Table: ...
 
 
 class _ParquetMixin:
