@@ -1,0 +1,167 @@
+"""The retrain flow end to end: fake LFW -> ingest -> retrain on moto S3, Prefect harness."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from core import registry
+from core.storage import S3Storage
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+SMALL = {"run_view2": False, "eval_pairs": 200}
+
+
+@pytest.fixture(scope="module")
+def ingested(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(bucket, dataset version): a fake LFW tree ingested once into a module bucket."""
+    import boto3
+
+    from core.settings import get_settings
+    from flows.ingest_lfw import ingest_lfw
+    from tests.fake_lfw import build_fake_lfw
+
+    bucket = f"facereid-retrain-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
+    fake = build_fake_lfw(tmp_path_factory.mktemp("lfw"), n_people=60, max_images=6)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FACEREID_S3_ENDPOINT_URL", moto_endpoint)
+    get_settings.cache_clear()
+    try:
+        result = ingest_lfw(data_home=str(fake.data_home), storage_uri=f"s3://{bucket}/base")
+    finally:
+        mp.undo()
+        get_settings.cache_clear()
+    return bucket, result["version"]
+
+
+@pytest.fixture
+def storage(ingested, moto_endpoint: str, settings_env) -> S3Storage:
+    """A fresh registry root per test, holding a copy of the ingested dataset."""
+    bucket, version = ingested
+    src = S3Storage(bucket, "base", endpoint_url=moto_endpoint)
+    dst = S3Storage(bucket, f"t-{uuid.uuid4().hex[:8]}", endpoint_url=moto_endpoint)
+    for info in src.list("datasets/"):
+        dst.put_bytes(info.key, src.get_bytes(info.key))
+    settings_env(dst)
+    return dst
+
+
+def _flow_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in logs]
+
+
+def _artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def test_retrain_registers_promotes_and_keeps_a_better_champion(
+    storage: S3Storage, ingested, tmp_path: Path
+) -> None:
+    from flows.retrain import retrain
+
+    _, data_version = ingested
+    state = retrain(models=["pca"], pca_components=20, return_state=True, **SMALL)
+    first = state.result()
+    assert first["data_version"] == data_version and first["backend"] == "local"
+    v1 = first["models"]["pca"]["version"]
+    assert first["models"]["pca"]["promoted"] is True
+
+    # registry objects of the version
+    prefix = registry.version_prefix("pca", v1)
+    keys = {i.key[len(prefix) :] for i in storage.list(prefix)}
+    assert keys == {
+        "model.tar.gz",
+        "metrics.json",
+        "model_card.md",
+        "roc.png",
+        "eigenfaces.png",
+        "promotion.json",
+    }
+    metrics = registry.get_metrics(storage, "pca", v1)
+    assert metrics["data_version"] == data_version
+    assert metrics["card"]["backend"] == "local"
+    assert metrics["card"]["hyperparameters"]["n_components"] == 20
+    card = storage.get_bytes(prefix + "model_card.md").decode()
+    assert data_version in card and "| backend | local |" in card and "git_commit" in card
+    # the production pointer: whole JSON, pointing at the artifact
+    pointer = json.loads(storage.get_bytes("models/pca/production.json"))
+    assert pointer["version"] == v1 and storage.exists(pointer["artifact_key"])
+    assert pointer["gate_metric"] == "accuracy"
+    assert pointer["gate_value"] == pytest.approx(first["models"]["pca"]["accuracy"])
+    assert pointer["data_version"] == data_version
+    # the training script's output streamed into the flow run's logs
+    logs = _flow_logs(state.state_details.flow_run_id)
+    assert any(m.startswith("[train_pca] fitting PCA") for m in logs)
+    # the report: stored, linked ROC PNG, and a markdown artifact
+    report = storage.get_bytes(first["report_key"]).decode()
+    assert v1 in report and "promoted to production" in report
+    assert storage.get_bytes(first["roc_key"]).startswith(b"\x89PNG")
+    assert storage.url_for(first["roc_key"]) in report
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert any(a.type == "markdown" and v1 in (a.data or "") for a in arts)
+
+    # a worse challenger (2 components) is registered but not promoted
+    state = retrain(models=["pca"], pca_components=2, return_state=True, **SMALL)
+    second = state.result()
+    v2 = second["models"]["pca"]["version"]
+    assert v2 != v1 and second["models"]["pca"]["promoted"] is False
+    assert registry.get_production(storage, "pca")["version"] == v1
+    decision = json.loads(storage.get_bytes(registry.version_prefix("pca", v2) + "promotion.json"))
+    assert decision["promoted"] is False
+    assert decision["champion_version"] == v1
+    assert decision["challenger_value"] <= decision["champion_value"]
+    # the champion was re-evaluated on the same pairs: same model, same data, same figure
+    assert decision["champion_value"] == pytest.approx(pointer["gate_value"])
+    assert decision["champion_value_source"].startswith("re-evaluated")
+    report = storage.get_bytes(second["report_key"]).decode()
+    assert "(production)" in report and "kept the current production" in report
+    assert registry.list_versions(storage, "pca") == sorted([v1, v2])
+
+    # the production model loads and embeds
+    pointer, embedder = registry.load_production_model(storage, "pca", tmp_path / "cache")
+    assert pointer["version"] == v1 and embedder.kind == "pca"
+
+
+def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
+    from core.dataset import DatasetNotFound
+    from flows.retrain import retrain
+
+    with pytest.raises(DatasetNotFound, match="not complete"):
+        retrain(models=["pca"], data_version="0000000000000000", **SMALL)
+    assert registry.list_versions(storage, "pca") == []
+
+
+def test_failed_training_still_reports_and_fails_the_run(storage: S3Storage) -> None:
+    """A model whose script fails (here: an invalid flag value) fails the run at the end."""
+    from flows.retrain import retrain
+
+    state = retrain(models=["pca"], pca_components=-5, return_state=True, **SMALL)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=r"training failed for \['pca'\]"):
+        state.result()
+    assert registry.get_production(storage, "pca") is None
+    reports = [i.key for i in storage.list("models/_reports/") if i.key.endswith("report.md")]
+    assert len(reports) == 1
+    assert "not trained" in storage.get_bytes(reports[0]).decode()
