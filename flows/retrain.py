@@ -53,7 +53,11 @@ def hyperparameters_for(
     raise ValueError(f"unknown model {model!r}")
 
 
-@flow(name="retrain", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(
+    name="retrain",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # type: ignore[arg-type]
+)
 def retrain(
     models: list[ModelName] = ["pca", "siamese"],  # noqa: B006 - Prefect needs a literal
     backend: BackendName | None = None,
@@ -96,7 +100,7 @@ def retrain(
         endpoint_url=settings.s3_endpoint_url,
         region=settings.aws_region,
     )
-    wanted = list(dict.fromkeys(models))
+    wanted: list[str] = [str(m) for m in dict.fromkeys(models)]
     if not wanted:
         raise ValueError("models is empty: name at least one of pca, siamese")
     manifest = resolve_dataset(storage, data_version)
@@ -105,7 +109,7 @@ def retrain(
     dataset_dir = prepare_dataset(storage, version, cache_dir)
     run_name = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{flow_run.get_name() or 'local'}"
     work_root = Path(tempfile.mkdtemp(prefix="retrain-", dir=_scratch(cache_dir)))
-    hp = {
+    hp: dict[str, dict[str, Any]] = {
         m: hyperparameters_for(
             m,
             run_view2=run_view2,

@@ -137,9 +137,9 @@ def evaluate_champion(
     evaluation = evaluate_candidate(
         embedder,
         data.faces,
-        data.image_ids,
-        data.splits,
-        data.persons,
+        data.image_ids.tolist(),
+        data.splits.tolist(),
+        data.persons.tolist(),
         n_pairs=eval_pairs,
         seed=seed,
     )
