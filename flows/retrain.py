@@ -69,6 +69,7 @@ def retrain(
     eval_pairs: int = 2000,
     seed: int = 0,
     gate_metric: GateMetric = "accuracy",
+    extra_hyperparameters: dict[str, dict[str, Any]] | None = None,
     storage_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, register and (if better) promote the face verification models.
@@ -87,6 +88,9 @@ def retrain(
         eval_pairs: same/different pairs drawn from each of the val and test splits.
         seed: seed of the training runs and of the evaluation pairs.
         gate_metric: test-split figure a new model must beat to be promoted.
+        extra_hyperparameters: more flags per model for its entry point, e.g.
+            ``{"siamese": {"batch-size": 64, "filters": "32,64,128"}}`` (see
+            ``python models/train_<model>.py --help``).
         storage_uri: ``file://...`` or ``s3://bucket/prefix`` (default: the setting).
 
     Each model is registered under ``models/<name>/<version>/``; production moves only
@@ -119,6 +123,7 @@ def retrain(
             siamese_epochs=siamese_epochs,
             siamese_max_train_seconds=siamese_max_train_seconds,
         )
+        | dict((extra_hyperparameters or {}).get(m) or {})
         for m in wanted
     }
 

@@ -165,3 +165,28 @@ def test_failed_training_still_reports_and_fails_the_run(storage: S3Storage) -> 
     reports = [i.key for i in storage.list("models/_reports/") if i.key.endswith("report.md")]
     assert len(reports) == 1
     assert "not trained" in storage.get_bytes(reports[0]).decode()
+
+
+@pytest.mark.slow
+def test_retrain_both_models(storage: S3Storage) -> None:
+    """PCA and a tiny Siamese net in one run: both registered and promoted, one report."""
+    from flows.retrain import retrain
+
+    tiny = {"filters": "8,16", "embedding-dim": 16, "batch-size": 16}
+    out = retrain(
+        models=["pca", "siamese"],
+        pca_components=20,
+        siamese_epochs=1,
+        siamese_max_train_seconds=60,
+        extra_hyperparameters={"siamese": tiny},
+        **SMALL,
+    )
+    for name in ("pca", "siamese"):
+        assert out["models"][name]["promoted"] is True
+        pointer = registry.get_production(storage, name)
+        assert pointer["version"] == out["models"][name]["version"]
+        assert pointer["kind"] == name
+    metrics = registry.get_metrics(storage, "siamese", out["models"]["siamese"]["version"])
+    assert metrics["card"]["hyperparameters"]["filters"] == [8, 16]
+    report = storage.get_bytes(out["report_key"]).decode()
+    assert "| siamese |" in report and "| pca |" in report

@@ -154,3 +154,32 @@ def test_incomplete_dataset_is_refused(local_storage, tmp_path: Path) -> None:
 def test_unknown_model_is_refused(channel: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown model"):
         train_locally("svm", channel, {}, tmp_path, python=sys.executable)
+
+
+TINY_SIAMESE = {
+    "epochs": 1,
+    "max-train-seconds": 60,
+    "eval-pairs": 60,
+    "view2-folds": 0,
+    "filters": "8,16",
+    "embedding-dim": 16,
+    "batch-size": 16,
+}
+
+
+@pytest.mark.slow
+def test_train_siamese_runs_under_fake_opt_ml(channel: Path, tmp_path: Path) -> None:
+    """One tiny epoch of the real Siamese script; the artifact loads with safe_mode."""
+    lines: list[str] = []
+    result = train_locally("siamese", channel, TINY_SIAMESE, tmp_path / "work", log=lines.append)
+    names = {p.name for p in result.model_dir.iterdir()}
+    assert {"model.json", "model.keras", "metrics.json", "savedmodel"} <= names
+    assert any(line.startswith("[train_siamese] epoch 1") for line in lines)
+    assert result.metrics["kind"] == "siamese"
+    from models.loading import load_embedder
+
+    embedder = load_embedder(unpack_model_archive(result.archive, tmp_path / "unpacked"))
+    faces = np.random.default_rng(0).normal(size=(3, 68, 56)).astype(np.float32)
+    emb = embedder.embed(faces)
+    assert emb.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
