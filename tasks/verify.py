@@ -542,12 +542,21 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100] or "list"
 
 
+def in_prefect_run() -> bool:
+    """Artifacts need a flow/task run; outside one (benchmarks, plain calls) skip them."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 class Progress:
     """A Prefect progress artifact when inside a run; silently nothing outside one."""
 
     def __init__(self, description: str):
         self.id: Any = None
         self.last = -1.0
+        if not in_prefect_run():
+            return
         try:
             from prefect.artifacts import create_progress_artifact
 
@@ -587,6 +596,8 @@ def summary_row(job: ListJob, metrics: dict[str, Any], seconds: float) -> dict[s
 
 
 def publish_summary_artifact(job: ListJob, row: dict[str, Any], metrics: dict[str, Any]) -> None:
+    if not in_prefect_run():
+        return
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 

@@ -1,0 +1,397 @@
+"""Embeddings by SageMaker batch transform (backend ``sagemaker`` of verify_pairs).
+
+Only the embedding step moves to SageMaker; fetching, preprocessing (one shared function)
+and pair scoring stay in the flow, so results are the same rows as with the local backend.
+
+1. the unique faces, preprocessed here, are written as JSON lines in shards of
+   ``shard_faces`` under ``transform/<model>-<version>/<digest>/input/part-NNNNN.jsonl``.
+   Batch transform hands whole S3 objects to instances, so many shards spread the work
+   across ``instance_count`` instances (the transform analogue of ShardedByS3Key);
+2. the production artifact is repacked with the serving code (``code/inference.py`` for the
+   TF Serving image, ``code/inference_pca.py`` for the scikit-learn image) and a SageMaker
+   Model is created from it (SDK v3 ``sagemaker.core.resources.Model``);
+3. a ``TransformJob`` (SplitType Line, MultiRecord, AssembleWith Line) writes
+   ``output/part-NNNNN.jsonl.out`` with one embedding per input line, in input order;
+4. the flow waits, reads the outputs back and fills the same embedding table the local
+   backend fills. ``<digest>`` hashes the model version and the image ids, so a re-run
+   after a crash finds the finished output and does not start a second job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.image_refs import ImageRef
+from tasks.backends.sagemaker_common import (
+    SageMakerBackendError,
+    image_uri,
+    make_boto_session,
+    require_s3_storage,
+)
+from tasks.verify import EmbeddingTable, FaceOrError, Progress, iter_unique_faces
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+SERVING_CODE = {"siamese": "inference.py", "pca": "inference_pca.py"}
+CONTENT_TYPE = "application/jsonlines"
+SHARD_FACES = 500
+
+
+class TransformJobFailed(SageMakerBackendError):
+    def __init__(self, job_name: str, status: str, reason: str):
+        super().__init__(f"SageMaker transform job {job_name} ended {status}: {reason}")
+        self.job_name, self.status, self.reason = job_name, status, reason
+
+
+@dataclass
+class TransformInput:
+    prefix: str  # storage key prefix of this embedding job
+    shards: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, cache ids)
+
+    @property
+    def input_prefix(self) -> str:
+        return f"{self.prefix}input/"
+
+    @property
+    def output_prefix(self) -> str:
+        return f"{self.prefix}output/"
+
+    def output_key(self, shard: str) -> str:
+        return f"{self.output_prefix}{shard}.out"
+
+
+def _safe_name(text: str, limit: int = 63) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")[:limit].rstrip("-")
+
+
+def job_digest(pointer: dict[str, Any], cache_ids: Iterable[str]) -> str:
+    h = hashlib.sha256(f"{pointer['name']}\n{pointer['version']}\n".encode())
+    for cid in cache_ids:
+        h.update(cid.encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def encode_shard(ids: list[str], faces: list[np.ndarray]) -> bytes:
+    """JSON lines ``{"id", "face"}``; float32 values round-trip exactly through repr."""
+    lines = [
+        json.dumps({"id": cid, "face": np.asarray(face, np.float32).reshape(-1).tolist()})
+        for cid, face in zip(ids, faces, strict=True)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_transform_input(
+    storage: Any,
+    faces: Iterable[FaceOrError],
+    prefix: str,
+    table: EmbeddingTable,
+    shard_faces: int = SHARD_FACES,
+) -> TransformInput:
+    """Stream faces into shards (one shard in memory at a time); failures go to ``table``."""
+    plan = TransformInput(prefix)
+    ids: list[str] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        if ids:
+            name = f"part-{len(plan.shards):05d}.jsonl"
+            storage.put_bytes(plan.input_prefix + name, encode_shard(ids, batch), CONTENT_TYPE)
+            plan.shards.append((name, ids.copy()))
+            ids.clear()
+            batch.clear()
+
+    for cid, face, status, error in faces:
+        if face is None:
+            table.fail(cid, status, error)
+            continue
+        ids.append(cid)
+        batch.append(face)
+        if len(ids) >= shard_faces:
+            flush()
+    flush()
+    return plan
+
+
+def repack_with_serving_code(archive: bytes) -> tuple[bytes, str]:
+    """The model archive plus ``code/<serving script>``; returns (archive, model kind)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(root, filter="data")
+        meta = json.loads((root / "model.json").read_text())
+        kind = meta.get("kind")
+        if kind not in SERVING_CODE:
+            raise SageMakerBackendError(f"no serving code for model kind {kind!r}")
+        code = root / "code"
+        code.mkdir(exist_ok=True)
+        script = SERVING_CODE[kind]
+        (code / script).write_bytes((MODELS_DIR / script).read_bytes())
+        buf = io.BytesIO()
+        with (
+            tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            for path in sorted(root.rglob("*")):
+                info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if path.is_file():
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+                else:
+                    tar.addfile(info)
+        import gzip
+
+        return gzip.compress(buf.getvalue(), mtime=0), kind
+
+
+def container_environment(kind: str, region: str) -> dict[str, str]:
+    if kind == "siamese":
+        return {
+            "SAGEMAKER_TFS_DEFAULT_MODEL_NAME": "savedmodel",  # savedmodel/1/ in the archive
+            "SAGEMAKER_REGION": region,
+        }
+    return {
+        "SAGEMAKER_PROGRAM": SERVING_CODE["pca"],
+        "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",  # code/ inside model.tar.gz
+        "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+        "SAGEMAKER_REGION": region,
+    }
+
+
+def ensure_model(
+    boto_session: Any, name: str, image: str, model_data_url: str, role_arn: str, env: dict
+) -> str:
+    """Create the SageMaker Model ``name`` unless it exists (names are per model version)."""
+    from botocore.exceptions import ClientError
+    from pydantic import ValidationError
+    from sagemaker.core.resources import Model
+    from sagemaker.core.shapes import ContainerDefinition
+
+    try:
+        boto_session.client("sagemaker").describe_model(ModelName=name)
+        return name
+    except ClientError:
+        pass  # not there yet
+    try:
+        Model.create(
+            model_name=name,
+            primary_container=ContainerDefinition(
+                image=image, model_data_url=model_data_url, environment=env
+            ),
+            execution_role_arn=role_arn,
+            session=boto_session,
+            region=boto_session.region_name,
+        )
+    except ValidationError:
+        # CreateModel succeeded; the SDK's describe-after-create could not map the reply
+        # (moto answers an empty VpcConfig). Only the name is needed from here on.
+        pass
+    return name
+
+
+def start_transform_job(
+    boto_session: Any,
+    job_name: str,
+    model_name: str,
+    input_uri: str,
+    output_uri: str,
+    instance_type: str,
+    instance_count: int,
+) -> Any:
+    from sagemaker.core.resources import TransformJob
+    from sagemaker.core.shapes import (
+        TransformDataSource,
+        TransformOutput,
+        TransformResources,
+        TransformS3DataSource,
+    )
+    from sagemaker.core.shapes import TransformInput as SMTransformInput
+
+    return TransformJob.create(
+        transform_job_name=job_name,
+        model_name=model_name,
+        transform_input=SMTransformInput(
+            data_source=TransformDataSource(
+                s3_data_source=TransformS3DataSource(s3_data_type="S3Prefix", s3_uri=input_uri)
+            ),
+            content_type=CONTENT_TYPE,
+            split_type="Line",
+        ),
+        transform_output=TransformOutput(
+            s3_output_path=output_uri, accept=CONTENT_TYPE, assemble_with="Line"
+        ),
+        transform_resources=TransformResources(
+            instance_type=instance_type, instance_count=int(instance_count)
+        ),
+        batch_strategy="MultiRecord",
+        max_payload_in_mb=6,
+        max_concurrent_transforms=4,
+        session=boto_session,
+        region=boto_session.region_name,
+    )
+
+
+def _plain(value: Any) -> str | None:
+    if value is None or type(value).__name__ == "Unassigned":
+        return None
+    return str(value)
+
+
+def wait_for_transform(
+    job: Any,
+    timeout_s: float,
+    poll_s: float = 30.0,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Any:
+    """Poll until Completed; raise TransformJobFailed (with FailureReason) otherwise."""
+    started, last = time.monotonic(), None
+    while True:
+        job.refresh()
+        status = str(job.transform_job_status)
+        if status != last:
+            log(f"[sagemaker] {job.transform_job_name}: {status}")
+            last = status
+        if status == "Completed":
+            return job
+        if status in ("Failed", "Stopped"):
+            reason = _plain(getattr(job, "failure_reason", None)) or "no FailureReason given"
+            raise TransformJobFailed(job.transform_job_name, status, reason)
+        if time.monotonic() - started >= timeout_s:
+            try:
+                job.stop()
+            finally:
+                raise TransformJobFailed(
+                    job.transform_job_name, f"{status} after {timeout_s:.0f}s", "timeout"
+                )
+        sleep(poll_s)
+
+
+def parse_transform_output(body: bytes, expected: int, key: str) -> np.ndarray:
+    """``{"embedding": [...]}`` lines (or bare lists) -> (expected, D) float32."""
+    rows = []
+    for line in body.decode("utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            rows.append(record["embedding"] if isinstance(record, dict) else record)
+    if len(rows) != expected:
+        raise SageMakerBackendError(f"{key}: {len(rows)} embeddings for {expected} input faces")
+    return np.asarray(rows, dtype=np.float32).reshape(expected, -1)
+
+
+def read_transform_output(storage: Any, plan: TransformInput, table: EmbeddingTable) -> None:
+    for shard, ids in plan.shards:
+        key = plan.output_key(shard)
+        table.add(ids, parse_transform_output(storage.get_bytes(key), len(ids), key))
+
+
+def outputs_complete(storage: Any, plan: TransformInput) -> bool:
+    return bool(plan.shards) and all(storage.exists(plan.output_key(s)) for s, _ in plan.shards)
+
+
+def embed_with_transform(
+    storage: Any,
+    pointer: dict[str, Any],
+    faces: Iterable[FaceOrError],
+    cache_ids: list[str],
+    *,
+    role_arn: str,
+    region: str,
+    instance_type: str,
+    instance_count: int = 1,
+    timeout_s: float = 6 * 3600,
+    poll_s: float = 30.0,
+    boto_session: Any = None,
+    endpoints: dict[str, str | None] | None = None,
+    shard_faces: int = SHARD_FACES,
+    log: Callable[[str], None] = print,
+) -> EmbeddingTable:
+    """Write faces as transform input, run (or reuse) the transform job, read embeddings."""
+    require_s3_storage(storage)
+    start = time.perf_counter()
+    table = EmbeddingTable()
+    digest = job_digest(pointer, cache_ids)
+    prefix = f"transform/{_safe_name(pointer['name'] + '-' + pointer['version'])}/{digest}/"
+    plan = write_transform_input(storage, faces, prefix, table, shard_faces)
+    if not plan.shards:
+        return table
+    if outputs_complete(storage, plan):
+        log(f"[sagemaker] reusing finished transform output under {prefix}")
+    else:
+        boto_session = boto_session or make_boto_session(region, endpoints)
+        archive, kind = repack_with_serving_code(storage.get_bytes(pointer["artifact_key"]))
+        artifact_key = f"{prefix}model/model.tar.gz"
+        storage.put_bytes(artifact_key, archive, "application/gzip")
+        model_name = _safe_name(f"facereid-{pointer['name']}-{pointer['version']}")
+        image = image_uri(kind, region, instance_type, scope="inference")
+        ensure_model(
+            boto_session,
+            model_name,
+            image,
+            storage.url_for(artifact_key),
+            role_arn,
+            container_environment(kind, region),
+        )
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+        job_name = _safe_name(f"facereid-embed-{digest[:12]}-{stamp}")
+        job = start_transform_job(
+            boto_session,
+            job_name,
+            model_name,
+            storage.url_for(plan.input_prefix),
+            storage.url_for(plan.output_prefix),
+            instance_type,
+            instance_count,
+        )
+        log(f"[sagemaker] submitted {job_name}: {len(plan.shards)} shard(s), {instance_count}x")
+        wait_for_transform(job, timeout_s, poll_s, log)
+    read_transform_output(storage, plan, table)
+    table.seconds = time.perf_counter() - start
+    return table
+
+
+def sagemaker_embed_unique(
+    storage: Any,
+    pointer: dict[str, Any],
+    settings: Any,
+    *,
+    instance_count: int = 1,
+    max_concurrency: int = 16,
+    boto_session: Any = None,
+    endpoints: dict[str, str | None] | None = None,
+    poll_s: float = 30.0,
+) -> Callable[[dict[str, ImageRef], Progress], EmbeddingTable]:
+    """The ``embed_unique`` step of verify_list for the sagemaker backend."""
+    require_s3_storage(storage)
+
+    def run(unique: dict[str, ImageRef], progress: Progress) -> EmbeddingTable:
+        faces = iter_unique_faces(storage, unique.values(), max_concurrency)
+        table = embed_with_transform(
+            storage,
+            pointer,
+            faces,
+            list(unique),
+            role_arn=settings.sagemaker_role_arn,
+            region=settings.aws_region,
+            instance_type=settings.sagemaker_instance_type,
+            instance_count=instance_count,
+            timeout_s=settings.sagemaker_job_timeout_s,
+            poll_s=poll_s,
+            boto_session=boto_session,
+            endpoints=endpoints or {"sagemaker": None, "s3": settings.s3_endpoint_url},
+        )
+        progress.update(0.7)
+        return table
+
+    return run
