@@ -184,7 +184,7 @@ def _config_tag(name: str, args: argparse.Namespace) -> str:
         return (
             f"pca_n{args.pca_components}_w{int(not args.pca_no_whiten)}_lda{args.pca_lda}"
             f"_k{args.pca_lda_components}_s{args.pca_shrinkage}_f{int(not args.pca_no_flip)}"
-            f"_d{args.pca_drop}"
+            f"_d{args.pca_drop}" + ("_fa" if args.pca_flip_average else "")
         )
     extra = args.siamese_config.replace(" ", "").replace('"', "") if args.siamese_config else ""
     return f"siamese_e{args.epochs}_t{args.max_train_seconds}_{extra}".replace("/", "_")[:150]
@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-shrinkage", type=float, default=1e-3)
     p.add_argument("--pca-no-flip", action="store_true")
     p.add_argument("--pca-drop", type=int, default=0)
+    p.add_argument("--pca-flip-average", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore saved fold results")
     args = p.parse_args(argv)
 

@@ -51,6 +51,7 @@ class PCAEmbedder(BaseEstimator):
     lda_components: LDA dimensions kept (None = as many as possible).
     lda_shrinkage: ridge added to the within-class scatter, relative to its mean eigenvalue.
     flip_augment: add mirrored copies of the training faces.
+    flip_average: embed a face as the mean of its and its mirror image's projections.
     drop_components: discard the first k PCA directions (mostly lighting); 0 keeps all.
     holdout_fraction: share of identities held out when ``lda="auto"`` decides.
     face_shape: (H, W) of the input faces, recorded for loaders.
@@ -64,6 +65,7 @@ class PCAEmbedder(BaseEstimator):
         lda_components: int | None = None,
         lda_shrinkage: float = 1e-3,
         flip_augment: bool = True,
+        flip_average: bool = False,
         drop_components: int = 0,
         holdout_fraction: float = 0.2,
         random_state: int = 0,
@@ -75,6 +77,7 @@ class PCAEmbedder(BaseEstimator):
         self.lda_components = lda_components
         self.lda_shrinkage = lda_shrinkage
         self.flip_augment = flip_augment
+        self.flip_average = flip_average
         self.drop_components = drop_components
         self.holdout_fraction = holdout_fraction
         self.random_state = random_state
@@ -210,6 +213,9 @@ class PCAEmbedder(BaseEstimator):
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Faces -> un-normalised embedding (PCA, then LDA when fitted)."""
         self._check_fitted()
+        if self.flip_average:
+            faces = np.asarray(X, dtype=np.float32).reshape(-1, *self.face_shape)
+            X = (faces + faces[..., ::-1]) / 2.0  # projection is linear: mean of both
         Z = self._pca_project(_flatten(X))
         if self.lda_scalings_ is not None:
             Z = Z @ self.lda_scalings_

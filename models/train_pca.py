@@ -40,15 +40,21 @@ def lda_flag(value: str) -> bool | str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the PCA face embedder (script mode).")
-    # hyperparameters
-    p.add_argument("--n-components", type=int, default=300)
+    # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
+    p.add_argument("--n-components", "--n_components", type=int, default=300)
     p.add_argument("--whiten", type=str2bool, default=True)
     p.add_argument("--lda", type=lda_flag, default="auto", help="true | false | auto")
-    p.add_argument("--lda-components", type=int, default=0, help="0 = as many as possible")
-    p.add_argument("--lda-shrinkage", type=float, default=1e-3)
-    p.add_argument("--flip-augment", type=str2bool, default=True)
-    p.add_argument("--eval-pairs", type=int, default=2000, help="val and test pairs each")
-    p.add_argument("--view2-folds", type=int, default=10, help="0 = skip the View 2 protocol")
+    p.add_argument(
+        "--lda-components", "--lda_components", type=int, default=0, help="0 = as many as possible"
+    )
+    p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
+    p.add_argument("--flip-augment", "--flip_augment", type=str2bool, default=True)
+    p.add_argument(
+        "--eval-pairs", "--eval_pairs", type=int, default=2000, help="val and test pairs each"
+    )
+    p.add_argument(
+        "--view2-folds", "--view2_folds", type=int, default=10, help="0 = skip the View 2 protocol"
+    )
     p.add_argument("--seed", type=int, default=0)
     # SageMaker environment
     p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))

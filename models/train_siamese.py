@@ -34,21 +34,42 @@ def int_list(value: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = SiameseConfig()
     p = argparse.ArgumentParser(description="Train the Siamese face embedder (script mode).")
-    # hyperparameters
+    # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-train-seconds", type=float, default=0.0, help="0 = no time budget")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--max-train-seconds",
+        "--max_train_seconds",
+        type=float,
+        default=0.0,
+        help="0 = no time budget",
+    )
+    p.add_argument("--batch-size", "--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", "--learning_rate", type=float, default=d.learning_rate)
+    p.add_argument("--weight-decay", "--weight_decay", type=float, default=d.weight_decay)
     p.add_argument("--filters", type=int_list, default=d.filters, help="e.g. 32,64,128,256")
-    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--embedding-dim", "--embedding_dim", type=int, default=d.embedding_dim)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--margin", type=float, default=d.margin)
     p.add_argument("--scale", type=float, default=d.scale)
-    p.add_argument("--min-images-per-identity", type=int, default=d.min_images_per_identity)
-    p.add_argument("--eval-pairs", type=int, default=2000, help="val and test pairs each")
-    p.add_argument("--view2-folds", type=int, default=0, help="0 = skip the View 2 protocol")
-    p.add_argument("--export-savedmodel", type=int, default=1, help="1 = write savedmodel/1/")
+    p.add_argument(
+        "--min-images-per-identity",
+        "--min_images_per_identity",
+        type=int,
+        default=d.min_images_per_identity,
+    )
+    p.add_argument(
+        "--eval-pairs", "--eval_pairs", type=int, default=2000, help="val and test pairs each"
+    )
+    p.add_argument(
+        "--view2-folds", "--view2_folds", type=int, default=0, help="0 = skip the View 2 protocol"
+    )
+    p.add_argument(
+        "--export-savedmodel",
+        "--export_savedmodel",
+        type=int,
+        default=1,
+        help="1 = write savedmodel/1/",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     # SageMaker environment
     p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
