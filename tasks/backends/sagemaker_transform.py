@@ -19,6 +19,8 @@ and pair scoring stay in the flow, so results are the same rows as with the loca
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -139,9 +141,7 @@ def repack_with_serving_code(archive: bytes) -> tuple[bytes, str]:
         script = SERVING_CODE[kind]
         (code / script).write_bytes((MODELS_DIR / script).read_bytes())
         buf = io.BytesIO()
-        with (
-            tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar,
-        ):
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(root.rglob("*")):
                 info = tar.gettarinfo(str(path), arcname=path.relative_to(root).as_posix())
                 info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
@@ -150,8 +150,6 @@ def repack_with_serving_code(archive: bytes) -> tuple[bytes, str]:
                         tar.addfile(info, fh)
                 else:
                     tar.addfile(info)
-        import gzip
-
         return gzip.compress(buf.getvalue(), mtime=0), kind
 
 
@@ -183,7 +181,9 @@ def ensure_model(
         return name
     except ClientError:
         pass  # not there yet
-    try:
+    # CreateModel may succeed while the SDK's describe-after-create cannot map the reply
+    # (moto answers an empty VpcConfig); only the name is needed from here on.
+    with contextlib.suppress(ValidationError):
         Model.create(
             model_name=name,
             primary_container=ContainerDefinition(
@@ -193,10 +193,6 @@ def ensure_model(
             session=boto_session,
             region=boto_session.region_name,
         )
-    except ValidationError:
-        # CreateModel succeeded; the SDK's describe-after-create could not map the reply
-        # (moto answers an empty VpcConfig). Only the name is needed from here on.
-        pass
     return name
 
 

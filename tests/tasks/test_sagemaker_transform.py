@@ -43,7 +43,8 @@ ROLE = "arn:aws:iam::123456789012:role/facereid-sagemaker"
 
 def normalise_request(params: dict[str, Any], bucket: str) -> dict[str, Any]:
     text = json.dumps(params, sort_keys=True, default=str).replace(bucket, "<bucket>")
-    text = re.sub(r"facereid-embed-[0-9a-f]{12}-\d{14}", "facereid-embed-<digest>-<timestamp>", text)
+    job_name = "facereid-embed-<digest>-<timestamp>"
+    text = re.sub(r"facereid-embed-[0-9a-f]{12}-\d{14}", job_name, text)
     text = re.sub(r"(transform/[A-Za-z0-9-]+)/[0-9a-f]{16}/", r"\1/<digest>/", text)
     return json.loads(text)
 
