@@ -62,7 +62,7 @@ def test_train_pca_as_module_from_repo_root(opt_ml):
             sys.executable,
             "-m",
             "models.train_pca",
-            "--n-components",
+            "--n_components",
             "20",
             "--lda",
             "true",
