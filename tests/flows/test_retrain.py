@@ -190,3 +190,55 @@ def test_retrain_both_models(storage: S3Storage) -> None:
     assert metrics["card"]["hyperparameters"]["filters"] == [8, 16]
     report = storage.get_bytes(out["report_key"]).decode()
     assert "| siamese |" in report and "| pca |" in report
+
+
+def test_sagemaker_backend_submits_both_jobs(
+    storage: S3Storage, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow's SageMaker path against moto: both jobs are created (concurrently) with
+    the right images and channels; moto runs nothing, so fetching model.tar.gz fails and
+    the run fails naming the missing artifact of each model."""
+    import boto3
+
+    from flows.retrain import retrain
+
+    pytest.importorskip("sagemaker")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", moto_endpoint)
+    state = retrain(
+        models=["pca", "siamese"],
+        backend="sagemaker",
+        pca_components=20,
+        return_state=True,
+        **SMALL,
+    )
+    assert state.is_failed()
+    with pytest.raises(RuntimeError) as err:
+        state.result()
+    assert "training failed for ['pca', 'siamese']" in str(err.value)
+    assert "model.tar.gz does not exist" in str(err.value)
+
+    client = boto3.client("sagemaker", endpoint_url=moto_endpoint, region_name="us-east-1")
+    jobs = {}
+    for summary in client.list_training_jobs(MaxResults=100)["TrainingJobSummaries"]:
+        job = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
+        if job["OutputDataConfig"]["S3OutputPath"].startswith(storage.url_for("models/")):
+            jobs[job["TrainingJobName"].split("-")[1]] = job
+    assert sorted(jobs) == ["pca", "siamese"]
+    assert jobs["pca"]["AlgorithmSpecification"]["TrainingImage"].endswith(
+        "sagemaker-scikit-learn:1.9-0-cpu-py3"
+    )
+    assert jobs["siamese"]["AlgorithmSpecification"]["TrainingImage"].endswith(
+        "tensorflow-training:2.19-gpu-py312"
+    )
+    assert jobs["pca"]["HyperParameters"]["n-components"] == "20"
+    for job in jobs.values():
+        channels = {c["ChannelName"]: c for c in job["InputDataConfig"]}
+        train_uri = channels["train"]["DataSource"]["S3DataSource"]["S3Uri"]
+        assert train_uri == storage.url_for(f"datasets/lfw/v={ingested_version(storage)}/")
+    assert registry.list_versions(storage, "pca") == []
+
+
+def ingested_version(storage: S3Storage) -> str:
+    from core.dataset import latest_version
+
+    return latest_version(storage)
