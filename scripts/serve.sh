@@ -61,6 +61,6 @@ Local stack is up.
 Start a run from the UI (Deployments -> ingest-lfw -> Run -> Custom run) or:
   export PREFECT_API_URL=$API_URL
   .venv/bin/prefect deployment run 'ingest-lfw/ingest-lfw'
-  .venv/bin/prefect deployment run 'verify-pairs/verify-pairs-nightly' --param list_key=incoming/my-pairs.csv
+  .venv/bin/prefect deployment run 'verify_pairs/verify-pairs-nightly' --param list_key=incoming/my-pairs.csv
 Stop everything with: make stop
 MSG

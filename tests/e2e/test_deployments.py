@@ -34,12 +34,13 @@ from tests.fake_lfw import build_fake_lfw
 
 pytestmark = pytest.mark.e2e
 
+# deployment name -> flow name (the flows' @flow(name=...))
 EXPECTED = {
     "ingest-lfw": "ingest-lfw",
     "retrain-models": "retrain",
-    "verify-pairs-nightly": "verify-pairs",
-    "verify-pairs-on-drop": "verify-pairs",
-    "poll-incoming": "poll-incoming",
+    "verify-pairs-nightly": "verify_pairs",
+    "verify-pairs-on-drop": "verify_pairs",
+    "poll-incoming": "poll_incoming",
 }
 RUN_TIMEOUT_S = 600  # a hung run fails the test instead of hanging CI
 
@@ -98,34 +99,54 @@ def test_prefect_yaml_deploys_every_deployment_with_schedules(deployed: PrefectS
     assert "list_key" in found["verify-pairs-nightly"].parameter_openapi_schema["properties"]
 
 
-def test_pair_list_drop_event_starts_verify_for_that_list(deployed: PrefectServer) -> None:
-    """The trigger on verify-pairs-on-drop turns one drop event into a run for that list."""
-    list_key = f"incoming/e2e-{uuid.uuid4().hex[:8]}.csv"
-    event = Event(
+def drop_event(list_key: str, **payload: str) -> Event:
+    """The event poll_incoming emits for a new pair list."""
+    return Event(
         event="facereid.pair-list.dropped",
         resource={"prefect.resource.id": f"facereid.pair-list.{list_key}"},
-        payload={"list_key": list_key, "etag": "e2e"},
+        payload={"list_key": list_key, **payload},
     )
+
+
+def test_pair_list_drop_events_start_verify_for_each_list(deployed: PrefectServer) -> None:
+    """The trigger on verify-pairs-on-drop turns each drop event into a run for its list.
+
+    An event without ``storage_uri`` in its payload (e.g. emitted by hand) gets
+    storage_uri=None, which verify_pairs reads as "the worker's settings".
+    """
+    tag = uuid.uuid4().hex[:8]
+    expected = {
+        f"incoming/e2e-{tag}.csv": "s3://bucket/root",
+        f"incoming/sub dir/e2e-{tag}.v2.parquet": None,
+    }
+    events = [
+        drop_event(f"incoming/e2e-{tag}.csv", etag="e1", storage_uri="s3://bucket/root"),
+        drop_event(f"incoming/sub dir/e2e-{tag}.v2.parquet", etag="e2"),
+    ]
     with SyncPrefectClient(deployed.api_url) as client:
         on_drop = deployments_by_name(client)["verify-pairs-on-drop"]
         response = httpx.post(
-            f"{deployed.api_url}/events", json=[event.model_dump(mode="json")], timeout=10
+            f"{deployed.api_url}/events",
+            json=[e.model_dump(mode="json") for e in events],
+            timeout=10,
         )
         assert response.status_code == 204, response.text
         triggered: list[FlowRun] = []
         deadline = time.monotonic() + 120
-        while not triggered and time.monotonic() < deadline:
+        while len(triggered) < len(expected) and time.monotonic() < deadline:
             time.sleep(1)
             triggered = [
                 r
                 for r in flow_runs_of(client, on_drop.id)
-                if r.parameters.get("list_key") == list_key
+                if r.parameters.get("list_key") in expected
             ]
         try:
-            assert len(triggered) == 1, "the drop event did not start exactly one verify run"
-            assert triggered[0].parameters == {"list_key": list_key}
+            got = {r.parameters["list_key"]: r.parameters["storage_uri"] for r in triggered}
+            assert len(triggered) == len(expected), "one verify run per dropped list"
+            assert got == expected
+            assert all(set(r.parameters) == {"list_key", "storage_uri"} for r in triggered)
         finally:
-            for run in triggered:  # nobody should ever execute it
+            for run in triggered:  # nobody should ever execute them
                 client.delete_flow_run(run.id)
 
 
