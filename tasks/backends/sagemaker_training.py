@@ -4,7 +4,8 @@ Image: the scikit-learn framework image for PCA (the model is numpy + scikit-lea
 read back by models.loading, which the built-in PCA algorithm's artifact would not be) and
 the TensorFlow training DLC for the Siamese net (versions in sagemaker_common). Input
 channel ``train`` = the dataset's S3 prefix; outputs go to ``models/<name>/_jobs/`` next to
-the registry. The job is polled until it ends or ``timeout_s`` passes (then stopped); a
+the registry. ``timeout_s`` is the job's MaxRuntimeInSeconds; the job is polled until it
+ends or a grace period after that (then stopped), so SageMaker's own reason surfaces; a
 Failed/Stopped job raises :class:`TrainingJobFailed` carrying SageMaker's FailureReason.
 """
 
@@ -26,6 +27,8 @@ from tasks.backends.sagemaker_common import (
 )
 
 TERMINAL = ("Completed", "Failed", "Stopped")
+# Queueing, container start and artifact upload come on top of the job's max runtime.
+WAIT_GRACE_S = 1800
 # Files the staged source dir must not upload (caches, local scratch).
 IGNORE_PATTERNS = [".env", ".git", "__pycache__", ".DS_Store", "*.pyc", ".pytest_cache"]
 
@@ -129,7 +132,7 @@ def wait_for_job(
                 raise TrainingJobFailed(
                     job.training_job_name,
                     f"{status} after the {timeout_s:.0f}s timeout (stop requested)",
-                    "the flow's sagemaker_job_timeout_s passed before the job finished",
+                    "no terminal status within the job's max runtime plus the wait grace period",
                 )
         sleep(poll_s)
 
@@ -193,7 +196,7 @@ def train_on_sagemaker(
     trainer.train(input_data_config=[channel], wait=False, logs=False)
     job = trainer._latest_training_job  # the SDK's handle on the job it just created
     log(f"[sagemaker] submitted {job.training_job_name} ({instance_type})")
-    wait_for_job(job, timeout_s=timeout_s, poll_s=poll_s, log=log)
+    wait_for_job(job, timeout_s=timeout_s + WAIT_GRACE_S, poll_s=poll_s, log=log)
     artifact_uri = _plain(getattr(job.model_artifacts, "s3_model_artifacts", None))
     if not artifact_uri:
         raise TrainingError(f"SageMaker job {job.training_job_name} completed without artifacts")
