@@ -54,8 +54,8 @@ class PreprocessParams:
     width: int = 56
     # face-box -> crop framing for detected faces, measured on LFW scenes (see tests):
     # crop = box centre + offsets, crop size = box width * scale
-    face_box_scale_h: float = 1.28
-    face_box_scale_w: float = 1.05
+    face_box_scale_h: float = 1.18
+    face_box_scale_w: float = 0.97
     face_box_dy: float = 0.03  # shift of crop centre below the box centre, in box widths
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
