@@ -212,7 +212,17 @@ def _register_and_promote(
             logger.error("training %s failed: %s", m, result)
             outcomes[m] = {"error": str(result)}
             continue
-        champion = evaluate_champion(storage, m, dataset_dir, eval_pairs, seed, cache_dir)
+        champion_state = evaluate_champion(
+            storage, m, dataset_dir, eval_pairs, seed, cache_dir, return_state=True
+        )
+        champion = champion_state.result(raise_on_failure=False)
+        if isinstance(champion, BaseException):
+            # an unreadable champion must not block the challenger: fall back to the
+            # figure recorded in the production pointer
+            logger.warning(
+                "re-evaluating production %s failed (%s); using its recorded figure", m, champion
+            )
+            champion = None
         model_meta = _model_json(result.model_dir)
         card = {
             "kind": m,
@@ -226,8 +236,13 @@ def _register_and_promote(
             "hyperparameters": model_meta.get("hyperparameters") or hp[m],
             "preprocessing": model_meta.get("preprocessing") or manifest.get("preprocessing"),
         }
-        model_version = register_model(storage, result, card, datetime.now(UTC))
-        decision = promote_model(storage, m, model_version, gate_metric, champion)
+        try:
+            model_version = register_model(storage, result, card, datetime.now(UTC))
+            decision = promote_model(storage, m, model_version, gate_metric, champion)
+        except Exception as exc:  # noqa: BLE001 - reported per model, re-raised at the end
+            logger.error("registering/promoting %s failed: %s", m, exc)
+            outcomes[m] = {"error": f"registering/promoting failed: {exc}"}
+            continue
         outcomes[m] = {
             "version": model_version,
             "metrics": result.metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -140,8 +141,18 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     assert registry.list_versions(storage, "pca") == sorted([v1, v2])
 
     # the production model loads and embeds
-    pointer, embedder = registry.load_production_model(storage, "pca", tmp_path / "cache")
+    pointer, embedder = registry.load_production_model(storage, "pca", tmp_path / "load-cache")
     assert pointer["version"] == v1 and embedder.kind == "pca"
+
+    # an unreadable champion does not block the gate: its recorded figure is used
+    storage.put_bytes(pointer["artifact_key"], b"not a tarball")
+    shutil.rmtree(tmp_path / "cache" / "pca")  # the flow's model cache (settings_env)
+    third = retrain(models=["pca"], pca_components=20, **SMALL)
+    v3 = third["models"]["pca"]["version"]
+    decision = json.loads(storage.get_bytes(registry.version_prefix("pca", v3) + "promotion.json"))
+    assert decision["champion_value_source"] == "recorded"
+    assert decision["champion_value"] == pytest.approx(pointer["gate_value"])
+    assert decision["promoted"] is (decision["challenger_value"] > decision["champion_value"])
 
 
 def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
