@@ -59,8 +59,10 @@ Local stack is up.
   Storage:   ${FACEREID_STORAGE_URI:-file://./var/storage}    LFW data_home: ${FACEREID_LFW_DATA_HOME:-sklearn default}
   Logs:      var/stack/server.log, var/stack/worker.log
 Start a run from the UI (Deployments -> ingest-lfw -> Run -> Custom run) or:
-  export PREFECT_API_URL=$API_URL
-  .venv/bin/prefect deployment run 'ingest-lfw/ingest-lfw'
+  export PREFECT_API_URL=$API_URL PREFECT_HOME=$PREFECT_HOME
+  .venv/bin/prefect deployment run 'ingest-lfw/ingest-lfw' --watch
   .venv/bin/prefect deployment run 'verify_pairs/verify-pairs-nightly' --param list_key=incoming/my-pairs.csv
+Drop a pair list (poll-incoming notices it within 5 min and triggers verify-pairs-on-drop):
+  .venv/bin/facereid drop my-pairs.csv
 Stop everything with: make stop
 MSG
