@@ -34,6 +34,11 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+def optional_int(value: str) -> int:
+    """JSON-rendered hyperparameters may say null/None for "automatic" (-> 0)."""
+    return 0 if str(value).strip().lower() in ("", "null", "none") else int(value)
+
+
 def lda_flag(value: str) -> bool | str:
     return "auto" if value.lower() == "auto" else str2bool(value)
 
@@ -45,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whiten", type=str2bool, default=True)
     p.add_argument("--lda", type=lda_flag, default="auto", help="true | false | auto")
     p.add_argument(
-        "--lda-components", "--lda_components", type=int, default=0, help="0 = as many as possible"
+        "--lda-components",
+        "--lda_components",
+        type=optional_int,
+        default=0,
+        help="0 = as many as possible",
     )
     p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
     p.add_argument("--flip-augment", "--flip_augment", type=str2bool, default=True)

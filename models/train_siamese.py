@@ -27,6 +27,11 @@ from models.loading import read_channel, write_training_outputs  # noqa: E402
 from models.siamese import SiameseConfig, train_siamese  # noqa: E402
 
 
+def optional_float(value: str) -> float:
+    """JSON-rendered hyperparameters may say null/None for "no limit" (-> 0)."""
+    return 0.0 if str(value).strip().lower() in ("", "null", "none") else float(value)
+
+
 def int_list(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(value).replace(" ", "").strip("[]()").split(",") if v)
 
@@ -39,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-train-seconds",
         "--max_train_seconds",
-        type=float,
+        type=optional_float,
         default=0.0,
         help="0 = no time budget",
     )
