@@ -414,3 +414,78 @@ def test_drop_poll_verify_fetch(local_storage, settings_env, pca_model_dir, tmp_
     good.write_text("pair_id,image_a,image_b\nq2,uploads/b1.jpg,uploads/b0.jpg\n")
     drop_pair_list(storage, good, name="team/nightly.csv")  # an edit: a new version
     assert [a["list_key"] for a in poll_incoming()["announced"]] == [key]
+
+
+@pytest.mark.real_lfw
+@pytest.mark.slow
+def test_face_in_a_larger_photo_still_verifies(
+    real_lfw_data_home, s3_storage, settings_env, tmp_path
+):
+    """Real LFW faces pasted into larger canvases go through Haar detection and still match
+    another image of the same person (plain 250x250, LFW fast path)."""
+    from models.evaluation import fit_threshold, score_pairs
+    from models.loading import write_model_json
+    from models.pca import PCAEmbedder
+    from models.preprocessing import preprocess_image
+
+    root = real_lfw_data_home / "lfw_home" / "lfw_funneled"
+    people = sorted(p for p in root.iterdir() if len(list(p.glob("*.jpg"))) >= 4)
+    # disjoint identities: fit the model, fit its threshold, probe
+    probe = people[::10][:20]
+    rest = [p for i, p in enumerate(people) if i % 10]
+    train, val = rest[:300], rest[300:400]
+
+    def load(group):
+        faces, labels = [], []
+        for label, person in enumerate(group):
+            for path in sorted(person.glob("*.jpg"))[:6]:
+                faces.append(preprocess_image(path.read_bytes()))
+                labels.append(label)
+        return np.stack(faces), np.array(labels)
+
+    model = PCAEmbedder(n_components=120, lda=True).fit(*load(train))
+    val_faces, val_labels = load(val)
+    emb = model.embed(val_faces)
+    ia, ib = np.triu_indices(len(val_labels), 1)
+    same = val_labels[ia] == val_labels[ib]
+    neg = np.random.default_rng(0).choice(np.flatnonzero(~same), int(same.sum()), replace=False)
+    keep = np.concatenate([np.flatnonzero(same), neg])  # balanced, like LFW's pair lists
+    threshold = fit_threshold(score_pairs(emb[ia[keep]], emb[ib[keep]]), same[keep])
+    model_dir = tmp_path / "model"
+    model.save(model_dir)
+    write_model_json(model_dir, "pca", threshold, model.embedding_dim_, model.get_params())
+
+    storage = s3_storage
+    settings_env(storage)
+    _promote(storage, model_dir)
+    rng = np.random.default_rng(1)
+    rows = [["pair_id", "image_a", "image_b"]]
+    for i, person in enumerate(probe):
+        first, second = sorted(person.glob("*.jpg"))[:2]
+        storage.put_bytes(f"images/{i}_a.jpg", first.read_bytes())
+        storage.put_bytes(f"images/{i}_b.jpg", second.read_bytes())
+        h, w = (int(v) for v in rng.integers(400, 700, 2))
+        canvas = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        canvas.paste(Image.open(first), tuple(int(v) for v in rng.integers(0, (w - 250, h - 250))))
+        buf = io.BytesIO()
+        canvas.save(buf, format="JPEG", quality=92)
+        storage.put_bytes(f"images/{i}_photo.jpg", buf.getvalue())
+        rows.append([f"plain-{i}", f"images/{i}_a.jpg", f"images/{i}_b.jpg"])
+        rows.append([f"photo-{i}", f"images/{i}_photo.jpg", f"images/{i}_b.jpg"])
+        rows.append([f"photo-self-{i}", f"images/{i}_photo.jpg", f"images/{i}_a.jpg"])
+    storage.put_bytes("incoming/photos.csv", _csv(rows))
+    _run()
+    _, table = _results(storage, "photos")
+    r = _rows(table)
+    n = len(probe)
+    statuses = [(r[f"photo-{i}"]["status"], r[f"photo-{i}"]["error"]) for i in range(n)]
+    assert sum(s == "ok" for s, _ in statuses) >= n - 1, statuses  # Haar finds them
+    ok = [i for i in range(n) if r[f"photo-{i}"]["status"] == "ok"]
+    # the detected crop matches the LFW crop of the very same image ...
+    assert sum(r[f"photo-self-{i}"]["same_person"] for i in ok) >= 0.9 * len(ok)
+    # ... so a pair that verifies on plain LFW images still verifies from the photo
+    verified = [i for i in ok if r[f"plain-{i}"]["same_person"]]
+    assert verified, "no probe pair verifies even on plain LFW images"
+    still = [i for i in verified if r[f"photo-{i}"]["same_person"]]
+    # measured with the PCA above: 10 of 13 (the photo crop scores ~0.05 lower on average)
+    assert len(still) >= 0.7 * len(verified), (len(still), len(verified))
