@@ -126,33 +126,41 @@ class PCAEmbedder(BaseEstimator):
         )
         if pl.min() == pl.max():
             return True
+        part = PCAEmbedder(**{**self.get_params(), "lda": True})
+        part._fit_arrays(faces[~is_held], labels[~is_held], True)  # one PCA serves both
         scores = {}
         for name, flag in (("pca", False), ("pca+lda", True)):
-            part = PCAEmbedder(**{**self.get_params(), "lda": flag})
-            part._fit_arrays(faces[~is_held], labels[~is_held], flag)
-            emb = part.embed(faces[is_held])
+            emb = l2_normalise(part._transform(faces[is_held], use_lda=flag))
             scores[name] = roc_auc(score_pairs(emb[ia], emb[ib]), pl)
         self.lda_auto_scores_ = scores
         return scores["pca+lda"] > scores["pca"]
 
     def _fit_arrays(self, faces: np.ndarray, labels: np.ndarray | None, use_lda: bool) -> None:
         X = _flatten(faces)
+        d = X.shape[1]
         if self.flip_augment:
-            X = np.concatenate([X, _flatten(faces[..., ::-1])])
+            # mirrored copies are added implicitly: with a left-right symmetric mean, the
+            # scatter of [X; flip(X)] is C + P C P (P = the flip permutation of pixels)
+            perm = np.arange(d).reshape(self.face_shape)[:, ::-1].ravel()
+            mean = X.mean(axis=0)
+            self.mean_ = ((mean + mean[perm]) / 2.0).astype(np.float32)
             labels = None if labels is None else np.concatenate([labels, labels])
-        self.mean_ = X.mean(axis=0).astype(np.float32)
+        else:
+            self.mean_ = X.mean(axis=0).astype(np.float32)
         Xc = (X - self.mean_).astype(np.float32)
-        n, d = Xc.shape
+        n = 2 * len(Xc) if self.flip_augment else len(Xc)
         k_total = min(self.n_components + self.drop_components, n - 1, d)
         k0 = min(self.drop_components, max(k_total - 1, 0))
-        if n < d:  # Gram trick: eigenvectors of Xc Xc^T
+        if len(Xc) < d and not self.flip_augment:  # Gram trick: eigenvectors of Xc Xc^T
             gram = (Xc @ Xc.T).astype(np.float64)
             evals, evecs = linalg.eigh(gram, subset_by_index=[n - k_total, n - 1])
             evals, evecs = evals[::-1], evecs[:, ::-1]
             comps = (Xc.T.astype(np.float64) @ evecs) / np.sqrt(np.maximum(evals, 1e-12))
             comps = comps.T
         else:
-            cov = Xc.T.astype(np.float64) @ Xc.astype(np.float64)
+            cov = (Xc.T @ Xc).astype(np.float64)
+            if self.flip_augment:
+                cov = cov + cov[perm][:, perm]
             evals, evecs = linalg.eigh(cov, subset_by_index=[d - k_total, d - 1])
             evals, evecs = evals[::-1], evecs[:, ::-1]
             comps = evecs.T
@@ -161,6 +169,8 @@ class PCAEmbedder(BaseEstimator):
         self.explained_variance_ = variance[k0:].astype(np.float32)
         self.n_components_ = int(self.components_.shape[0])
         Z = self._pca_project(X)
+        if self.flip_augment:
+            Z = np.concatenate([Z, self._pca_project(_flatten(faces[..., ::-1]))])
         self.lda_scalings_: np.ndarray | None = None
         self.lda_used_ = False
         if use_lda and labels is not None:
@@ -213,11 +223,14 @@ class PCAEmbedder(BaseEstimator):
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Faces -> un-normalised embedding (PCA, then LDA when fitted)."""
         self._check_fitted()
+        return self._transform(X, use_lda=True)
+
+    def _transform(self, X: np.ndarray, use_lda: bool) -> np.ndarray:
         if self.flip_average:
             faces = np.asarray(X, dtype=np.float32).reshape(-1, *self.face_shape)
             X = (faces + faces[..., ::-1]) / 2.0  # projection is linear: mean of both
         Z = self._pca_project(_flatten(X))
-        if self.lda_scalings_ is not None:
+        if use_lda and self.lda_scalings_ is not None:
             Z = Z @ self.lda_scalings_
         return Z.astype(np.float32)
 
