@@ -27,7 +27,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
-    kwargs: dict[str, Any] = {"models": args.models.split(","), "run_view2": args.view2}
+    kwargs: dict[str, Any] = {"models": args.models.split(",")}
+    if args.view2 is not None:
+        kwargs["view2_models"] = [m for m in args.view2.split(",") if m]
     if args.siamese_epochs is not None:
         kwargs["siamese_epochs"] = args.siamese_epochs
     if args.siamese_max_train_seconds is not None:
@@ -99,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         retrain(
             siamese_epochs=args.siamese_epochs,
             siamese_max_train_seconds=args.siamese_max_train_seconds,
-            run_view2=args.view2,
+            view2_models=[m for m in args.view2.split(",") if m],
         )
     )
     print("[demo] 3/3 verify a dropped pair list")
@@ -113,14 +115,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facereid",
-        description="Face re-identification on LFW: ingest, retrain, verify (settings: FACEREID_*).",
+        description="Face re-identification on LFW: ingest, retrain, verify (env: FACEREID_*).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="ingest -> retrain -> verify on the configured storage")
     p.add_argument("--siamese-epochs", type=int, default=8)
     p.add_argument("--siamese-max-train-seconds", type=int, default=900)
-    p.add_argument("--view2", action="store_true", help="also run the 10-fold View 2 protocol")
+    p.add_argument(
+        "--view2", default="pca", help="models that also run the 10-fold View 2 protocol"
+    )
     p.add_argument("--pairs", type=int, default=1000, help="pairs in the demo list (max 1000)")
     p.add_argument("--download", action="store_true", help="download LFW if missing")
     p.set_defaults(func=cmd_demo)
@@ -135,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "sagemaker"], default=None)
     p.add_argument("--siamese-epochs", type=int, default=None)
     p.add_argument("--siamese-max-train-seconds", type=int, default=None)
-    p.add_argument("--view2", action="store_true", help="run the 10-fold View 2 protocol")
+    p.add_argument(
+        "--view2", default=None, help="comma list of models that run View 2 (default: pca)"
+    )
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("verify", help="run the verify_pairs flow on incoming/ lists")

@@ -14,7 +14,7 @@ from core.storage import S3Storage
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-SMALL = {"run_view2": False, "eval_pairs": 200}
+SMALL = {"view2_models": [], "eval_pairs": 200}
 
 
 @pytest.fixture(scope="module")
