@@ -53,6 +53,8 @@ def verify_pairs(
     logger = get_run_logger()
     settings = get_settings()
     backend = backend or settings.backend
+    if backend not in ("local", "sagemaker"):
+        raise ValueError(f"backend must be 'local' or 'sagemaker', got {backend!r}")
     storage = storage_from_uri(
         storage_uri or settings.storage_uri,
         endpoint_url=settings.s3_endpoint_url,

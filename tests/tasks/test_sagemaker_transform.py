@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.image_refs import RefResolver
 from tasks.backends.sagemaker_common import make_boto_session, split_s3_uri
 from tasks.backends.sagemaker_transform import (
     TransformJobFailed,
@@ -295,3 +296,86 @@ def test_tf_serving_handlers_translate_formats():
     assert json.loads(out) == {"embeddings": [[0.6, 0.8], [1.0, 0.0]]}
     with pytest.raises(ValueError, match="TF Serving error 400"):
         handlers.output_handler(SimpleNamespace(status_code=400, content=b"bad"), ctx)
+
+
+def tf_serving_container(boto_session, captured: dict[str, list], work: Path):
+    """after-call CreateTransformJob: code/inference.py around the real SavedModel."""
+    import tensorflow as tf
+
+    s3 = boto_session.client("s3")
+
+    def run(**_: Any) -> None:
+        model = captured["CreateModel"][-1]["PrimaryContainer"]
+        job = captured["CreateTransformJob"][-1]
+        bucket, key = split_s3_uri(model["ModelDataUrl"])
+        model_dir = _extract(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), work / "tfs")
+        handlers = _import_script(model_dir / "code" / "inference.py", "facereid_serving_tfs")
+        name = model["Environment"]["SAGEMAKER_TFS_DEFAULT_MODEL_NAME"]
+        serving = tf.saved_model.load(str(model_dir / name / "1")).signatures["serving_default"]
+        ctx = SimpleNamespace(
+            request_content_type=job["TransformInput"]["ContentType"],
+            accept_header=job["TransformOutput"]["Accept"],
+        )
+        src = job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"]
+        out = job["TransformOutput"]["S3OutputPath"].rstrip("/")
+        in_bucket, in_prefix = split_s3_uri(src)
+        for obj in s3.list_objects_v2(Bucket=in_bucket, Prefix=in_prefix)["Contents"]:
+            body = s3.get_object(Bucket=in_bucket, Key=obj["Key"])["Body"]
+            request = json.loads(handlers.input_handler(body, ctx))  # what TFS would receive
+            faces = tf.constant(request["instances"], dtype=tf.float32)
+            preds = next(iter(serving(faces=faces).values())).numpy().tolist()
+            response = SimpleNamespace(
+                status_code=200, content=json.dumps({"predictions": preds}).encode()
+            )
+            result, _ = handlers.output_handler(response, ctx)
+            out_bucket, out_key = split_s3_uri(f"{out}/{obj['Key'].rsplit('/', 1)[-1]}.out")
+            s3.put_object(Bucket=out_bucket, Key=out_key, Body=result.encode())
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_siamese_transform_requests_and_embeddings(s3_storage, moto_endpoint, tmp_path):
+    """TF Serving image + code/inference.py; embeddings equal the local embedder's."""
+    from core.registry import promote_if_better, register_version
+    from models.loading import load_embedder, write_model_json
+    from models.preprocessing import preprocess_image
+    from models.siamese import SiameseConfig, SiameseEmbedder, build_inference_model, build_tower
+
+    config = SiameseConfig(filters=(8, 16), embedding_dim=16)
+    model_dir = tmp_path / "siamese"
+    SiameseEmbedder(build_inference_model(build_tower(config)), config).save(model_dir)
+    write_model_json(model_dir, "siamese", 0.5, 16, config.to_dict())
+    storage = s3_storage
+    version = register_version(storage, "siamese", model_dir, {"test": {"accuracy": 0.8}}, {})
+    pointer = promote_if_better(storage, "siamese", version)["pointer"]
+    for i in range(3):
+        storage.put_bytes(f"images/s{i}.jpg", fake_face_jpeg(5, i))
+
+    session, captured = _session_with_capture(moto_endpoint)
+    session.events.register(
+        "after-call.sagemaker.CreateTransformJob",
+        tf_serving_container(session, captured, tmp_path),
+    )
+    refs = RefResolver(storage, ["images/"])
+    unique = {r.cache_id: r for r in (refs(f"images/s{i}.jpg") for i in range(3))}
+    table = embed_with_transform(
+        storage, pointer, iter_unique_faces(storage, unique.values(), 2), list(unique),
+        role_arn=ROLE, region="us-east-1", instance_type="ml.m5.xlarge", poll_s=0,
+        boto_session=session, log=lambda _: None,
+    )  # fmt: skip
+
+    def norm(req: dict) -> dict:
+        req = normalise_request(req, storage.bucket)
+        return json.loads(json.dumps(req).replace(pointer["version"], "<version>"))
+
+    check_snapshot("transform_create_model_siamese", norm(captured["CreateModel"][0]))
+    check_snapshot(
+        "transform_create_transform_job_siamese", norm(captured["CreateTransformJob"][0])
+    )
+    assert "tensorflow-inference:2.19" in captured["CreateModel"][0]["PrimaryContainer"]["Image"]
+    local = load_embedder(model_dir)
+    for cid, ref in unique.items():
+        expected = local.embed(preprocess_image(storage.get_bytes(ref.target)))[0]
+        np.testing.assert_allclose(table.vectors[table.index[cid]], expected, atol=1e-5)
