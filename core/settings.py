@@ -52,9 +52,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_scheme(cls, value: str) -> str:
         if not (value.startswith("file://") or value.startswith("s3://")):
-            raise ValueError(
-                f"storage_uri must start with file:// or s3://, got {value!r}"
-            )
+            raise ValueError(f"storage_uri must start with file:// or s3://, got {value!r}")
         return value.rstrip("/")
 
     @property

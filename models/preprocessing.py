@@ -125,9 +125,8 @@ def _cascade() -> Any:
     if _CASCADE is None:
         import cv2
 
-        _CASCADE = cv2.CascadeClassifier(
-            cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
-        )
+        cascades: str = cv2.data.haarcascades  # type: ignore[attr-defined]
+        _CASCADE = cv2.CascadeClassifier(cascades + "haarcascade_frontalface_default.xml")
     return _CASCADE
 
 
@@ -144,7 +143,9 @@ def detect_face_box(gray: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(x), int(y), int(fw), int(fh)
 
 
-def crop_face(gray: np.ndarray, box: tuple[int, int, int, int], params: PreprocessParams) -> np.ndarray:
+def crop_face(
+    gray: np.ndarray, box: tuple[int, int, int, int], params: PreprocessParams
+) -> np.ndarray:
     """Cut the LFW framing around a detected box and resize to the model's input size."""
     x, y, bw, bh = box
     cx = x + bw / 2

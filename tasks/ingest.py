@@ -169,7 +169,7 @@ def find_complete_version(storage: Storage, version: str) -> dict[str, Any] | No
 
 def _sample_ids(plan: IngestPlan, n: int = N_SAMPLE_FACES) -> list[str]:
     """A deterministic spread of images from distinct people for the face grid."""
-    firsts = {}
+    firsts: dict[str, str] = {}
     for r in plan.images:
         firsts.setdefault(r.person, r.image_id)
     people = sorted(firsts)
@@ -192,7 +192,7 @@ def write_faces(storage: Storage, plan: IngestPlan, workers: int = 2) -> dict[st
 
     def on_progress(done: int, total: int) -> None:
         pct = 100.0 * done / max(total, 1)
-        update_progress_artifact(progress_id, pct)
+        update_progress_artifact(progress_id, pct)  # type: ignore[arg-type]
         if pct - last_logged[0] >= 10 or done == total:
             last_logged[0] = pct
             rate = done / max(time.monotonic() - started, 1e-9)

@@ -76,11 +76,17 @@ def build_fake_lfw(
     people: dict[str, int] = {}
     for i in range(n_people):
         name = person_name(i)
-        n = int(rng.integers(2, max_images + 1)) if i % 2 == 0 else int(rng.integers(1, max_images + 1))
+        n = (
+            int(rng.integers(2, max_images + 1))
+            if i % 2 == 0
+            else int(rng.integers(1, max_images + 1))
+        )
         people[name] = n
         (images_dir / name).mkdir(parents=True, exist_ok=True)
         for k in range(1, n + 1):
-            (images_dir / name / f"{name}_{k:04d}.jpg").write_bytes(fake_face_jpeg(seed * 7919 + i, k))
+            (images_dir / name / f"{name}_{k:04d}.jpg").write_bytes(
+                fake_face_jpeg(seed * 7919 + i, k)
+            )
     if junk_file:
         (images_dir / ".DS_Store").write_bytes(b"\x00\x01junk")
         (images_dir / "README.txt").write_text("not an image folder entry\n")
@@ -101,7 +107,8 @@ def build_fake_lfw(
         out = []
         for _ in range(count):
             p, q = r.choice(pool, 2, replace=False).tolist()
-            out.append(f"{p}\t{int(r.integers(1, people[p] + 1))}\t{q}\t{int(r.integers(1, people[q] + 1))}")
+            i, j = int(r.integers(1, people[p] + 1)), int(r.integers(1, people[q] + 1))
+            out.append(f"{p}\t{i}\t{q}\t{j}")
         return out
 
     files: dict[str, str] = {}
@@ -118,12 +125,13 @@ def build_fake_lfw(
     dev = {"Train": names[:cut], "Test": names[cut:]}
     for part, pool in dev.items():
         n_pairs = max(2, pairs_per_fold * 2)
-        files[f"pairsDev{part}.txt"] = "\n".join(
-            [str(n_pairs)] + matched(pool, n_pairs, rng) + mismatched(pool, n_pairs, rng)
-        ) + "\n"
-        files[f"peopleDev{part}.txt"] = "\n".join(
-            [str(len(pool))] + [f"{p}\t{people[p]}" for p in pool]
-        ) + "\n"
+        files[f"pairsDev{part}.txt"] = (
+            "\n".join([str(n_pairs)] + matched(pool, n_pairs, rng) + mismatched(pool, n_pairs, rng))
+            + "\n"
+        )
+        files[f"peopleDev{part}.txt"] = (
+            "\n".join([str(len(pool))] + [f"{p}\t{people[p]}" for p in pool]) + "\n"
+        )
     files["lfw-names.txt"] = "\n".join(f"{p}\t{people[p]}" for p in names) + "\n"
     for name, text in files.items():
         if name not in skip_protocol:
