@@ -123,6 +123,16 @@ def fit_bench_model(lfw_home: Path, out: Path, n_people: int = 400) -> Path:
     return out
 
 
+def untrained_siamese(out: Path) -> Path:
+    from models.loading import write_model_json
+    from models.siamese import SiameseConfig, SiameseEmbedder, build_inference_model, build_tower
+
+    config = SiameseConfig()
+    SiameseEmbedder(build_inference_model(build_tower(config)), config).save(out)
+    write_model_json(out, "siamese", 0.5, config.embedding_dim, config.to_dict())
+    return out
+
+
 def promote(storage, model_dir: Path) -> dict:
     from core.registry import promote_if_better, register_version
 
@@ -277,6 +287,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-home", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--model-dir", default=None)
+    p.add_argument(
+        "--siamese-untrained",
+        action="store_true",
+        help="a randomly initialised Siamese net of the production architecture "
+        "(throughput only: its accuracy means nothing)",
+    )
+    p.add_argument(
+        "--siamese-untrained",
+        action="store_true",
+        help="use a randomly initialised Siamese net of the production architecture "
+        "(throughput only: its accuracy means nothing)",
+    )
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--naive-sample", type=int, default=600)
@@ -307,11 +329,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             cache = Path(tmp) / "cache"
             storage = configure(endpoint, cache)
-            model_dir = (
-                Path(args.model_dir)
-                if args.model_dir
-                else fit_bench_model(lfw_home, Path(tmp) / "model")
-            )
+            if args.model_dir:
+                model_dir = Path(args.model_dir)
+            elif args.siamese_untrained:
+                model_dir = untrained_siamese(Path(tmp) / "model")
+            else:
+                model_dir = fit_bench_model(lfw_home, Path(tmp) / "model")
             pointer = promote(storage, model_dir)
             print(
                 f"[setup] model {pointer['name']} {pointer['version']} "

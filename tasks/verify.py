@@ -353,22 +353,29 @@ def iter_lfw_faces(storage: Any, refs: list[ImageRef]) -> Iterator[FaceOrError]:
 
 
 def iter_unique_faces(
-    storage: Any, refs: Iterable[ImageRef], max_concurrency: int = 16, detect: str = "auto"
+    storage: Any,
+    refs: Iterable[ImageRef],
+    max_concurrency: int = 16,
+    detect: str = "auto",
+    lookahead: int = 512,
 ) -> Iterator[FaceOrError]:
     """Each unique image fetched and preprocessed once, ``max_concurrency`` at a time.
 
-    Results come back in input order (deterministic batches) with at most
-    ``2 * max_concurrency`` decoded faces in flight.
+    Results come back in input order (deterministic batches). At most ``lookahead``
+    loads are queued or done-but-unconsumed, so memory is bounded (a preprocessed face is
+    15 KB; raw bytes are dropped as soon as a face is cut) while the pool keeps fetching
+    during an embedding batch.
     """
     refs = list(refs)
     yield from iter_lfw_faces(storage, [r for r in refs if r.kind == "lfw"])
     keys = [r for r in refs if r.kind == "key"]
     workers = max(1, int(max_concurrency))
+    limit = max(2 * workers, int(lookahead))
     with ThreadPoolExecutor(workers, thread_name_prefix="verify-load") as pool:
         window: deque[Future[FaceOrError]] = deque()
         for ref in keys:
             window.append(pool.submit(load_face, storage, ref, detect))
-            if len(window) >= 2 * workers:
+            if len(window) >= limit:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
