@@ -151,11 +151,12 @@ class PCAEmbedder(BaseEstimator):
         n = 2 * len(Xc) if self.flip_augment else len(Xc)
         k_total = min(self.n_components + self.drop_components, n - 1, d)
         k0 = min(self.drop_components, max(k_total - 1, 0))
-        if len(Xc) < d and not self.flip_augment:  # Gram trick: eigenvectors of Xc Xc^T
-            gram = (Xc @ Xc.T).astype(np.float64)
+        if n < d:  # few faces: Gram trick, eigenvectors of Xa Xa^T (n x n)
+            Xa = np.concatenate([Xc, Xc[:, perm]]) if self.flip_augment else Xc
+            gram = (Xa @ Xa.T).astype(np.float64)
             evals, evecs = linalg.eigh(gram, subset_by_index=[n - k_total, n - 1])
             evals, evecs = evals[::-1], evecs[:, ::-1]
-            comps = (Xc.T.astype(np.float64) @ evecs) / np.sqrt(np.maximum(evals, 1e-12))
+            comps = (Xa.T.astype(np.float64) @ evecs) / np.sqrt(np.maximum(evals, 1e-12))
             comps = comps.T
         else:
             cov = (Xc.T @ Xc).astype(np.float64)
