@@ -14,6 +14,7 @@ from core.pairlists import PairListError
 from core.settings import get_settings
 from core.storage import ObjectNotFound, storage_from_uri
 from tasks.verify import (
+    check_list_key,
     find_pending_lists,
     load_production_model_task,
     local_embed_unique,
@@ -55,6 +56,8 @@ def verify_pairs(
     backend = backend or settings.backend
     if backend not in ("local", "sagemaker"):
         raise ValueError(f"backend must be 'local' or 'sagemaker', got {backend!r}")
+    if list_key:
+        check_list_key(list_key)
     storage = storage_from_uri(
         storage_uri or settings.storage_uri,
         endpoint_url=settings.s3_endpoint_url,

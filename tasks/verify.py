@@ -101,6 +101,16 @@ def load_model(storage: Any, model_name: str, cache_dir: str | Path) -> tuple[di
     return load_production_model(storage, choose_model_name(storage, model_name), cache_dir)
 
 
+def check_list_key(list_key: str) -> str:
+    """A list to verify must be a pair list under incoming/ (not results/, models/, ...)."""
+    from core.ledger import INCOMING
+    from core.pairlists import is_pair_list
+
+    if not list_key.startswith(INCOMING) or not is_pair_list(list_key):
+        raise ValueError(f"list_key must be a .csv/.parquet key under incoming/: {list_key!r}")
+    return list_key
+
+
 def make_run_id(list_key: str, etag: str, model_name: str, model_version: str) -> str:
     """Deterministic: the same list version verified by the same model -> the same id."""
     digest = hashlib.sha256(f"{list_key}\n{etag}\n{model_name}\n{model_version}".encode())
@@ -752,7 +762,7 @@ def find_pending_lists(storage: Any, list_key: str | None = None) -> list[Object
     from core.ledger import is_processed, pending_lists
 
     if list_key:
-        info = storage.head(list_key)
+        info = storage.head(check_list_key(list_key))
         return [] if is_processed(storage, info.key, info.etag) else [info]
     return list(pending_lists(storage))
 

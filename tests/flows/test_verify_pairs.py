@@ -347,6 +347,8 @@ def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir
     assert table.column("pair_id").to_pylist() == ["0"]
     assert table.column("status").to_pylist() == ["ok"]
     assert _run(list_key="incoming/two.csv")["processed"] == []
+    with pytest.raises(ValueError, match="under incoming/"):
+        _run(list_key="models/pca/production.json")
     assert [p["list_key"] for p in _run()["processed"]] == ["incoming/one.csv"]
 
 
