@@ -290,12 +290,6 @@ def main() -> int:
     p.add_argument(
         "--siamese-untrained",
         action="store_true",
-        help="a randomly initialised Siamese net of the production architecture "
-        "(throughput only: its accuracy means nothing)",
-    )
-    p.add_argument(
-        "--siamese-untrained",
-        action="store_true",
         help="use a randomly initialised Siamese net of the production architecture "
         "(throughput only: its accuracy means nothing)",
     )
