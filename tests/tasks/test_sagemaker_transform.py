@@ -150,7 +150,6 @@ def _session_with_capture(moto_endpoint: str) -> tuple[Any, dict[str, list]]:
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.e2e
 def test_pca_transform_requests_and_scoring(s3_storage, moto_endpoint, pca_model_dir, tmp_path):
     from models.loading import load_embedder
 
@@ -335,7 +334,6 @@ def tf_serving_container(boto_session, captured: dict[str, list], work: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.e2e
 def test_siamese_transform_requests_and_embeddings(s3_storage, moto_endpoint, tmp_path):
     """TF Serving image + code/inference.py; embeddings equal the local embedder's."""
     from core.registry import promote_if_better, register_version
