@@ -61,6 +61,8 @@ def input_fn(request_body: Any, request_content_type: str) -> np.ndarray:
         items = (
             payload.get("instances", payload.get("faces")) if isinstance(payload, dict) else payload
         )
+        if not items:
+            raise ValueError('JSON requests need a non-empty "instances" or "faces" list')
         return np.stack([_face_row(f) for f in items])
     if ctype == "application/x-npy":
         arr = np.load(io.BytesIO(body), allow_pickle=False)
