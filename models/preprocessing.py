@@ -17,6 +17,7 @@ Two ways to find the face:
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -117,17 +118,23 @@ def _lfw_crop(img: Image.Image, params: PreprocessParams) -> np.ndarray:
     ]
 
 
-_CASCADE: Any = None
+_THREAD_STATE = threading.local()
+_CV2_IMPORT_LOCK = threading.Lock()  # a first import racing in threads sees a half-made module
 
 
 def _cascade() -> Any:
-    global _CASCADE
-    if _CASCADE is None:
-        import cv2
+    """The Haar cascade of this thread: cv2's CascadeClassifier is not thread-safe."""
+    cascade = getattr(_THREAD_STATE, "cascade", None)
+    if cascade is None:
+        with _CV2_IMPORT_LOCK:
+            import cv2
 
         cascades: str = cv2.data.haarcascades  # type: ignore[attr-defined]
-        _CASCADE = cv2.CascadeClassifier(cascades + "haarcascade_frontalface_default.xml")
-    return _CASCADE
+        cascade = cv2.CascadeClassifier(cascades + "haarcascade_frontalface_default.xml")
+        if cascade.empty():
+            raise RuntimeError(f"OpenCV Haar cascade not found under {cascades}")
+        _THREAD_STATE.cascade = cascade
+    return cascade
 
 
 def detect_face_box(gray: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -20,14 +20,12 @@ crash writes the very same result keys.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -279,24 +277,6 @@ def fetch_image_bytes(storage: Any, key: str, attempts: int = 3) -> bytes:
     raise AssertionError("unreachable")
 
 
-_DETECT_LOCK = threading.Lock()
-
-
-def _needs_detection(data: bytes, detect: str) -> bool:
-    """Whether preprocess_image will run the Haar cascade (header-only size check)."""
-    from PIL import Image
-
-    from models.preprocessing import DEFAULT_PARAMS
-
-    if detect != "auto":
-        return detect == "always"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size != (DEFAULT_PARAMS.lfw_size, DEFAULT_PARAMS.lfw_size)
-    except Exception:
-        return False  # preprocess_image reports it as unreadable
-
-
 def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
     """Fetch + preprocess one image; every failure becomes a status, never an exception."""
     from models.preprocessing import ImageError, preprocess_image
@@ -308,11 +288,7 @@ def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
     except StorageError as exc:
         return ref.cache_id, None, "missing_image", f"{ref.raw}: could not fetch: {exc}"
     try:
-        if _needs_detection(data, detect):
-            with _DETECT_LOCK:  # one cv2 CascadeClassifier is shared and not thread-safe
-                face = preprocess_image(data, detect=detect)  # type: ignore[arg-type]
-        else:
-            face = preprocess_image(data, detect=detect)  # type: ignore[arg-type]
+        face = preprocess_image(data, detect=detect)  # type: ignore[arg-type]
         return ref.cache_id, face, "ok", ""
     except ImageError as exc:
         return ref.cache_id, None, exc.status, f"{ref.raw}: {exc}"

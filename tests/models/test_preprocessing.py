@@ -1,0 +1,84 @@
+"""The shared preprocessing function: shapes, errors, limits and thread safety."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocessing import (
+    DEFAULT_PARAMS,
+    NoFaceFound,
+    PreprocessParams,
+    UnreadableImage,
+    preprocess_image,
+)
+from tests.fake_lfw import fake_face_jpeg
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_lfw_fast_path_shape_and_normalisation():
+    face = preprocess_image(fake_face_jpeg(1, 1))
+    assert face.shape == DEFAULT_PARAMS.shape
+    assert face.dtype == np.float32
+    assert abs(float(face.mean())) < 1e-4
+    assert abs(float(face.std()) - 1.0) < 1e-3
+
+
+def test_same_bytes_same_pixels_everywhere():
+    data = fake_face_jpeg(3, 2)
+    np.testing.assert_array_equal(preprocess_image(data), preprocess_image(data))
+
+
+def test_junk_bytes_are_unreadable():
+    with pytest.raises(UnreadableImage, match="not a decodable image"):
+        preprocess_image(b"this is not a jpeg")
+
+
+def test_truncated_jpeg_is_unreadable():
+    data = fake_face_jpeg(2, 1)
+    with pytest.raises(UnreadableImage):
+        preprocess_image(data[: len(data) // 3])
+
+
+def test_size_and_pixel_limits_refuse_before_decoding():
+    data = fake_face_jpeg(2, 1)
+    with pytest.raises(UnreadableImage, match="over the 100 limit"):
+        preprocess_image(data, PreprocessParams(max_bytes=100))
+    big = _jpeg(Image.new("L", (4000, 3000)))
+    with pytest.raises(UnreadableImage, match="pixels, over"):
+        preprocess_image(big, PreprocessParams(max_pixels=1_000_000))
+
+
+def test_blank_photo_has_no_face():
+    with pytest.raises(NoFaceFound):
+        preprocess_image(_jpeg(Image.new("RGB", (400, 300), (128, 128, 128))))
+
+
+def test_detection_in_threads_matches_serial_results():
+    """cv2's cascade is not thread-safe: concurrent loaders must get serial answers."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(12):
+        canvas = Image.fromarray(rng.integers(0, 255, (320, 400, 3), dtype=np.uint8))
+        canvas.paste(Image.open(io.BytesIO(fake_face_jpeg(i, 1))), (60, 30))
+        photos.append(_jpeg(canvas))
+
+    def outcome(data: bytes) -> str:
+        try:
+            return preprocess_image(data).tobytes().hex()[:64]
+        except Exception as exc:  # the type is the outcome
+            return type(exc).__name__
+
+    serial = [outcome(p) for p in photos]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(outcome, photos * 4))
+    assert threaded == serial * 4
