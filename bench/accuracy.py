@@ -156,7 +156,7 @@ def pca_train_fn(args: argparse.Namespace) -> TrainFn:
             n_components=args.pca_components,
             whiten=not args.pca_no_whiten,
             lda=lda,
-            lda_components=args.pca_lda_components,
+            lda_components=args.pca_lda_components or None,
             lda_shrinkage=args.pca_shrinkage,
             flip_augment=not args.pca_no_flip,
             drop_components=args.pca_drop,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-components", type=int, default=300)
     p.add_argument("--pca-no-whiten", action="store_true")
     p.add_argument("--pca-lda", default="auto", help="true|false|auto")
-    p.add_argument("--pca-lda-components", type=int, default=None)
+    p.add_argument("--pca-lda-components", type=int, default=15, help="0 = all")
     p.add_argument("--pca-shrinkage", type=float, default=1e-3)
     p.add_argument("--pca-no-flip", action="store_true")
     p.add_argument("--pca-drop", type=int, default=0)

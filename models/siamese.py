@@ -230,7 +230,11 @@ def train_siamese(
     )
     t0 = time.time()
     history = trainer.fit(
-        ds, epochs=config.epochs, verbose=0, callbacks=[_budget_callback(schedule, optimizer, log)]
+        ds,
+        epochs=config.epochs,
+        verbose=0,
+        shuffle=False,  # the dataset reshuffles itself every epoch
+        callbacks=[_budget_callback(schedule, optimizer, log)],
     )
     epochs_done = len(history.history.get("loss", []))
     log(f"siamese: trained {epochs_done} epochs in {time.time() - t0:.0f}s")

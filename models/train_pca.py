@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lda-components",
         "--lda_components",
         type=optional_int,
-        default=0,
+        default=15,
         help="0 = as many as possible",
     )
     p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
