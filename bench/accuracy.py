@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--max-train-seconds", type=float, default=None, help="per fold")
     p.add_argument("--siamese-config", default="", help="JSON overrides of SiameseConfig")
-    p.add_argument("--pca-components", type=int, default=300)
+    p.add_argument("--pca-components", type=int, default=200)
     p.add_argument("--pca-no-whiten", action="store_true")
     p.add_argument("--pca-lda", default="auto", help="true|false|auto")
     p.add_argument("--pca-lda-components", type=int, default=15, help="0 = all")

@@ -46,7 +46,7 @@ def lda_flag(value: str) -> bool | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the PCA face embedder (script mode).")
     # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
-    p.add_argument("--n-components", "--n_components", type=int, default=300)
+    p.add_argument("--n-components", "--n_components", type=int, default=200)
     p.add_argument("--whiten", type=str2bool, default=True)
     p.add_argument("--lda", type=lda_flag, default="auto", help="true | false | auto")
     p.add_argument(
