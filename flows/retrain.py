@@ -63,7 +63,7 @@ def retrain(
     backend: BackendName | None = None,
     data_version: str | None = None,
     view2_models: list[ModelName] = ["pca"],  # noqa: B006 - Prefect needs a literal
-    pca_components: int = 300,
+    pca_components: int = 200,
     siamese_epochs: int = 20,
     siamese_max_train_seconds: int = 1800,
     eval_pairs: int = 2000,
