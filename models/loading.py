@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from models.evaluation import PairTable, score_pairs
+from models.evaluation import PairTable, evaluate_candidate, run_view2, score_pairs
 
 MODEL_JSON = "model.json"
 METRICS_JSON = "metrics.json"
@@ -266,3 +267,38 @@ def write_training_outputs(
     if output_data_dir:
         write_json(Path(output_data_dir) / METRICS_JSON, metrics)
     return metrics
+
+
+def evaluate_on_channel(
+    model: Any,
+    fit: Callable[[np.ndarray, np.ndarray], Any],
+    data: ChannelData,
+    *,
+    eval_pairs: int,
+    seed: int,
+    view2_folds: int,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What every entry point reports: the candidate's val/test figures and, when asked
+    and the channel has the protocol, the View 2 folds (``fit`` trains a fresh model)."""
+    evaluation = evaluate_candidate(
+        model, data.faces, data.image_ids, data.splits, data.persons, n_pairs=eval_pairs, seed=seed
+    )
+    log(
+        f"threshold {evaluation['threshold']:.4f} (fitted on val); test accuracy "
+        f"{evaluation['test']['accuracy']:.4f} auc {evaluation['test']['auc']:.4f}"
+    )
+    view2 = None
+    if view2_folds > 0 and "pairs_view2" in data.protocol:
+        log(f"LFW View 2 protocol over {view2_folds} folds")
+        view2 = run_view2(
+            fit,
+            data.faces,
+            data.image_ids,
+            data.people_folds(),
+            data.pair_table("pairs_view2"),
+            folds=range(view2_folds),
+            log=log,
+        )
+        log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
+    return evaluation, view2

@@ -19,8 +19,11 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
-from models.evaluation import evaluate_candidate, run_view2  # noqa: E402
-from models.loading import read_channel, write_training_outputs  # noqa: E402
+from models.loading import (  # noqa: E402
+    evaluate_on_channel,
+    read_channel,
+    write_training_outputs,
+)
 from models.pca import PCAEmbedder  # noqa: E402
 
 
@@ -123,32 +126,15 @@ def train(args: argparse.Namespace) -> dict:
         f"fitted in {train_seconds:.1f}s: {model.n_components_} components, "
         f"lda={model.lda_used_} {model.lda_auto_scores_}, dim {model.embedding_dim_}"
     )
-    evaluation = evaluate_candidate(
+    evaluation, view2 = evaluate_on_channel(
         model,
-        data.faces,
-        data.image_ids,
-        data.splits,
-        data.persons,
-        n_pairs=args.eval_pairs,
+        lambda f, y: make_model(args, shape).fit(f, y),
+        data,
+        eval_pairs=args.eval_pairs,
         seed=args.seed,
+        view2_folds=args.view2_folds,
+        log=log,
     )
-    log(
-        f"threshold {evaluation['threshold']:.4f} (fitted on val); test accuracy "
-        f"{evaluation['test']['accuracy']:.4f} auc {evaluation['test']['auc']:.4f}"
-    )
-    view2 = None
-    if args.view2_folds > 0 and "pairs_view2" in data.protocol:
-        log(f"LFW View 2 protocol over {args.view2_folds} folds")
-        view2 = run_view2(
-            lambda f, y: make_model(args, shape).fit(f, y),
-            data.faces,
-            data.image_ids,
-            data.people_folds(),
-            data.pair_table("pairs_view2"),
-            folds=range(args.view2_folds),
-            log=log,
-        )
-        log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
     model.save(args.model_dir)
     metrics = write_training_outputs(
         args.model_dir,

@@ -22,8 +22,11 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
-from models.evaluation import evaluate_candidate, run_view2  # noqa: E402
-from models.loading import read_channel, write_training_outputs  # noqa: E402
+from models.loading import (  # noqa: E402
+    evaluate_on_channel,
+    read_channel,
+    write_training_outputs,
+)
 from models.siamese import SiameseConfig, train_siamese  # noqa: E402
 
 
@@ -122,32 +125,15 @@ def train(args: argparse.Namespace) -> dict:
     t0 = time.time()
     model = train_siamese(faces, persons, config, log=log)
     train_seconds = time.time() - t0
-    evaluation = evaluate_candidate(
+    evaluation, view2 = evaluate_on_channel(
         model,
-        data.faces,
-        data.image_ids,
-        data.splits,
-        data.persons,
-        n_pairs=args.eval_pairs,
+        lambda f, y: train_siamese(f, y, config, log=log),
+        data,
+        eval_pairs=args.eval_pairs,
         seed=args.seed,
+        view2_folds=args.view2_folds,
+        log=log,
     )
-    log(
-        f"threshold {evaluation['threshold']:.4f} (fitted on val); test accuracy "
-        f"{evaluation['test']['accuracy']:.4f} auc {evaluation['test']['auc']:.4f}"
-    )
-    view2 = None
-    if args.view2_folds > 0 and "pairs_view2" in data.protocol:
-        log(f"LFW View 2 protocol over {args.view2_folds} folds")
-        view2 = run_view2(
-            lambda f, y: train_siamese(f, y, config, log=log),
-            data.faces,
-            data.image_ids,
-            data.people_folds(),
-            data.pair_table("pairs_view2"),
-            folds=range(args.view2_folds),
-            log=log,
-        )
-        log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
     model.save(args.model_dir, export_savedmodel=bool(args.export_savedmodel))
     hyper = config.to_dict() | {
         "eval_pairs": args.eval_pairs,
