@@ -108,6 +108,18 @@ def new_version(archive: bytes, now: datetime | None = None) -> str:
 # ---------------------------------------------------------------- model card and ROC
 
 
+# model card fields shown first, in this order, under "Provenance"
+_CARD_PROVENANCE = (
+    "kind",
+    "data_version",
+    "backend",
+    "git_commit",
+    "trained_at",
+    "train_seconds",
+    "training_job",
+)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4f}"
@@ -122,29 +134,11 @@ def render_model_card(
     """A short markdown card: what the model is, what it was trained on, how well it does."""
     lines = [f"# Model card: {name} {version}", ""]
     lines += ["## Provenance", "", "| field | value |", "|---|---|"]
-    for key in (
-        "kind",
-        "data_version",
-        "backend",
-        "git_commit",
-        "trained_at",
-        "train_seconds",
-        "training_job",
-    ):
+    for key in _CARD_PROVENANCE:
         if key in card_fields:
             lines.append(f"| {key} | {_fmt(card_fields[key])} |")
     for key, value in card_fields.items():
-        if key not in {
-            "kind",
-            "data_version",
-            "backend",
-            "git_commit",
-            "trained_at",
-            "train_seconds",
-            "training_job",
-            "hyperparameters",
-            "preprocessing",
-        }:
+        if key not in _CARD_PROVENANCE and key not in ("hyperparameters", "preprocessing"):
             lines.append(f"| {key} | {_fmt(value)} |")
     for section in ("hyperparameters", "preprocessing"):
         values = card_fields.get(section) or {}
