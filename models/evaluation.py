@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
 from sklearn.metrics import roc_auc_score, roc_curve
+
+# image ids / splits / persons: a list or a numpy array of strings
+Names = Sequence[str] | np.ndarray
 
 
 class SupportsEmbed(Protocol):
@@ -142,12 +146,12 @@ def person_of(image_id: str) -> str:
 
 
 def make_split_pairs(
-    image_ids: Sequence[str],
-    splits: Sequence[str] | None = None,
+    image_ids: Names,
+    splits: Names | None = None,
     split: str | None = None,
     n_pairs: int = 1000,
     seed: int = 0,
-    persons: Sequence[str] | None = None,
+    persons: Names | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Balanced same/different pairs among the images of one identity-disjoint split.
 
@@ -233,7 +237,7 @@ TrainFn = Callable[[np.ndarray, np.ndarray], SupportsEmbed]
 
 
 def view2_training_image_ids(
-    image_ids: Sequence[str], people_fold: Mapping[str, int], fold: int
+    image_ids: Names, people_fold: Mapping[str, int], fold: int
 ) -> list[str]:
     """Images a fold-``fold`` model may train on: people of the *other* nine people-folds.
 
@@ -266,7 +270,7 @@ def _embed_pairs(
 def run_view2_fold(
     train_fn: TrainFn,
     faces: np.ndarray,
-    image_ids: Sequence[str],
+    image_ids: Names,
     people_fold: Mapping[str, int],
     pairs: PairTable,
     fold: int,
@@ -341,7 +345,7 @@ def summarise_folds(fold_results: Sequence[Mapping[str, Any]]) -> dict[str, Any]
 def run_view2(
     train_fn: TrainFn,
     faces: np.ndarray,
-    image_ids: Sequence[str],
+    image_ids: Names,
     people_fold: Mapping[str, int],
     pairs: PairTable,
     folds: Iterable[int] | None = None,
@@ -362,7 +366,7 @@ def run_view2(
 def run_view1(
     train_fn: TrainFn,
     faces: np.ndarray,
-    image_ids: Sequence[str],
+    image_ids: Names,
     train_people: Iterable[str],
     train_pairs: PairTable,
     test_pairs: PairTable,
@@ -395,9 +399,9 @@ def run_view1(
 def evaluate_candidate(
     model: SupportsEmbed,
     faces: np.ndarray,
-    image_ids: Sequence[str],
-    splits: Sequence[str],
-    persons: Sequence[str] | None = None,
+    image_ids: Names,
+    splits: Names,
+    persons: Names | None = None,
     n_pairs: int = 2000,
     seed: int = 0,
     val_split: str = "val",
