@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-
 from sklearn.metrics import roc_auc_score, roc_curve
 
 # image ids / splits / persons: a list or a numpy array of strings
