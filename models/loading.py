@@ -10,6 +10,7 @@ hyperparameters, preprocessing, data_version) plus the kind's weights (``pca.npz
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable
@@ -302,3 +303,34 @@ def evaluate_on_channel(
         )
         log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
     return evaluation, view2
+
+
+def add_script_mode_args(p: argparse.ArgumentParser, *, view2_folds: int, seed: int) -> None:
+    """Flags every entry point shares: evaluation, seed and the SageMaker ``SM_*`` dirs
+    (env with local defaults, as in the TF2 script-mode examples)."""
+    p.add_argument(
+        "--eval-pairs", "--eval_pairs", type=int, default=2000, help="val and test pairs each"
+    )
+    p.add_argument(
+        "--view2-folds",
+        "--view2_folds",
+        type=int,
+        default=view2_folds,
+        help="0 = skip the View 2 protocol",
+    )
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+    p.add_argument(
+        "--train", default=os.environ.get("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
+    )
+    p.add_argument(
+        "--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")
+    )
+
+
+def parse_script_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_known_args``: SageMaker may pass flags a script does not know; say so."""
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        print(f"ignoring unknown arguments: {unknown}", flush=True)
+    return args

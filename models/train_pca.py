@@ -10,7 +10,6 @@ metrics.json to ``SM_MODEL_DIR`` (metrics also to ``SM_OUTPUT_DATA_DIR``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,9 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
 from models.loading import (  # noqa: E402
+    add_script_mode_args,
     evaluate_on_channel,
+    parse_script_args,
     read_channel,
     write_training_outputs,
 )
@@ -61,25 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
     p.add_argument("--flip-augment", "--flip_augment", type=str2bool, default=True)
-    p.add_argument(
-        "--eval-pairs", "--eval_pairs", type=int, default=2000, help="val and test pairs each"
-    )
-    p.add_argument(
-        "--view2-folds", "--view2_folds", type=int, default=10, help="0 = skip the View 2 protocol"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    # SageMaker environment
-    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
-    p.add_argument(
-        "--train", default=os.environ.get("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
-    )
-    p.add_argument(
-        "--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")
-    )
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        print(f"ignoring unknown arguments: {unknown}", flush=True)
-    return args
+    add_script_mode_args(p, view2_folds=10, seed=0)
+    return parse_script_args(p, argv)
 
 
 def hyperparameters(args: argparse.Namespace) -> dict:

@@ -23,7 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
 from models.loading import (  # noqa: E402
+    add_script_mode_args,
     evaluate_on_channel,
+    parse_script_args,
     read_channel,
     write_training_outputs,
 )
@@ -66,30 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d.min_images_per_identity,
     )
     p.add_argument(
-        "--eval-pairs", "--eval_pairs", type=int, default=2000, help="val and test pairs each"
-    )
-    p.add_argument(
-        "--view2-folds", "--view2_folds", type=int, default=0, help="0 = skip the View 2 protocol"
-    )
-    p.add_argument(
         "--export-savedmodel",
         "--export_savedmodel",
         type=int,
         default=1,
         help="1 = write savedmodel/1/",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
-    # SageMaker environment
-    p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
-    p.add_argument(
-        "--train", default=os.environ.get("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
-    )
-    p.add_argument(
-        "--output-data-dir", default=os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")
-    )
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        print(f"ignoring unknown arguments: {unknown}", flush=True)
+    add_script_mode_args(p, view2_folds=0, seed=d.seed)
+    args = parse_script_args(p, argv)
     return args
 
 
