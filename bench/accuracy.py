@@ -154,12 +154,14 @@ def pca_train_fn(args: argparse.Namespace) -> TrainFn:
     def train(faces: np.ndarray, labels: np.ndarray) -> PCAEmbedder:
         return PCAEmbedder(
             n_components=args.pca_components,
+            features=args.pca_features,
             whiten=not args.pca_no_whiten,
             lda=lda,
             lda_components=args.pca_lda_components or None,
             lda_shrinkage=args.pca_shrinkage,
             flip_augment=not args.pca_no_flip,
             drop_components=args.pca_drop,
+            flip_average=args.pca_flip_average,
         ).fit(faces, labels)
 
     return train
@@ -184,7 +186,9 @@ def _config_tag(name: str, args: argparse.Namespace) -> str:
         return (
             f"pca_n{args.pca_components}_w{int(not args.pca_no_whiten)}_lda{args.pca_lda}"
             f"_k{args.pca_lda_components}_s{args.pca_shrinkage}_f{int(not args.pca_no_flip)}"
-            f"_d{args.pca_drop}" + ("_fa" if args.pca_flip_average else "")
+            f"_d{args.pca_drop}"
+            + ("_fa" if args.pca_flip_average else "")
+            + ("" if args.pca_features == "pixels" else f"_x{args.pca_features}")
         )
     extra = args.siamese_config.replace(" ", "").replace('"', "") if args.siamese_config else ""
     return f"siamese_e{args.epochs}_t{args.max_train_seconds}_{extra}".replace("/", "_")[:150]
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-train-seconds", type=float, default=None, help="per fold")
     p.add_argument("--siamese-config", default="", help="JSON overrides of SiameseConfig")
     p.add_argument("--pca-components", type=int, default=200)
+    p.add_argument("--pca-features", default="smooth+gradient+equalised", help="'+'-joined")
     p.add_argument("--pca-no-whiten", action="store_true")
     p.add_argument("--pca-lda", default="auto", help="true|false|auto")
     p.add_argument("--pca-lda-components", type=int, default=15, help="0 = all")

@@ -89,7 +89,8 @@ def retrain(
         seed: seed of the training runs and of the evaluation pairs.
         gate_metric: test-split figure a new model must beat to be promoted.
         extra_hyperparameters: more flags per model for its entry point, e.g.
-            ``{"siamese": {"batch-size": 64, "filters": "32,64,128"}}`` (see
+            ``{"siamese": {"batch-size": 64, "filters": "32,64,128"}}`` or
+            ``{"pca": {"features": "pixels"}}`` for classic eigenfaces (see
             ``python models/train_<model>.py --help``).
         storage_uri: ``file://...`` or ``s3://bucket/prefix`` (default: the setting).
 

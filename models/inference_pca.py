@@ -4,7 +4,8 @@ The SageMaker scikit-learn container (``SAGEMAKER_PROGRAM=inference_pca.py``) ca
 ``model_fn`` once, then ``input_fn -> predict_fn -> output_fn`` per request. The model is
 read from ``pca.npz`` with ``allow_pickle=False`` and applied with numpy only -- the same
 arithmetic as ``models.pca.PCAEmbedder.embed`` (tests check they agree) -- so the
-container needs nothing from this project.
+container needs nothing from this project but ``face_features.py``, which the batch
+transform path packs next to this file in ``code/``.
 
 Content types are those of ``models/inference.py``: ``application/jsonlines`` (one
 ``{"id", "face"}`` per line), ``application/json`` and ``application/x-npy`` in;
@@ -20,6 +21,11 @@ from typing import Any
 
 import numpy as np
 
+try:  # in the serving container: code/face_features.py next to this file
+    from face_features import face_features, parse_features
+except ImportError:  # in the repository
+    from models.face_features import face_features, parse_features
+
 FACE_SHAPE = (68, 56)
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
 
@@ -27,16 +33,20 @@ JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "applicat
 def model_fn(model_dir: str) -> dict[str, Any]:
     with np.load(os.path.join(model_dir, "pca.npz"), allow_pickle=False) as data:
         params = json.loads(str(data["params_json"]))
-        return {
-            "mean": data["mean"].astype(np.float32),
-            "components": data["components"].astype(np.float32),
-            "scale": (
-                1.0 / np.sqrt(data["explained_variance"]).astype(np.float32)
-                if params.get("whiten", True)
-                else None
-            ),
-            "lda": data["lda_scalings"].astype(np.float32) if "lda_scalings" in data else None,
-        }
+        arrays = {k: data[k].astype(np.float32) for k in data.files if not k.endswith("_json")}
+    if arrays["components"].ndim == 2:  # saved before feature maps: one 'pixels' map
+        arrays = {k: v[None] for k, v in arrays.items()}
+        params["features"] = "pixels"
+    return {
+        "features": parse_features(params.get("features", "pixels")),
+        "mean": arrays["mean"],
+        "components": arrays["components"],
+        "scale": (
+            1.0 / np.sqrt(arrays["explained_variance"]) if params.get("whiten", True) else None
+        ),
+        "lda": arrays.get("lda_scalings"),
+        "flip_average": bool(params.get("flip_average", False)),
+    }
 
 
 def _face_row(value: Any) -> np.ndarray:
@@ -74,14 +84,19 @@ def input_fn(request_body: Any, request_content_type: str) -> np.ndarray:
 
 
 def predict_fn(faces: np.ndarray, model: dict[str, Any]) -> np.ndarray:
-    z = (faces - model["mean"]) @ model["components"].T
-    if model["scale"] is not None:
-        z = z * model["scale"]
-    if model["lda"] is not None:
-        z = z @ model["lda"]
-    z = z.astype(np.float32)
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
-    return (z / np.maximum(norms, 1e-12)).astype(np.float32)
+    faces = faces.reshape(len(faces), *FACE_SHAPE)
+    parts = []
+    for i, kind in enumerate(model["features"]):
+        maps = face_features(faces, kind)
+        if model["flip_average"]:
+            maps = (maps + maps[..., ::-1]) / 2.0
+        z = (maps.reshape(len(maps), -1) - model["mean"][i]) @ model["components"][i].T
+        if model["scale"] is not None:
+            z = z * model["scale"][i]
+        if model["lda"] is not None:
+            z = z @ model["lda"][i]
+        parts.append(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
+    return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
 
 
 def output_fn(prediction: np.ndarray, accept: str) -> tuple[str, str]:

@@ -1,5 +1,9 @@
 """Eigenfaces / Fisherfaces embedder: whitened PCA, optional LDA on identities, cosine score.
 
+One PCA (+ LDA) subspace per fixed feature map of the face (smoothed pixels, gradient
+magnitude, rank-equalised pixels: models/face_features.py); the embedding joins the
+L2-normalised subspace embeddings, so the cosine score is the mean of the per-map cosines.
+
 Follows scikit-learn's estimator contract (``fit`` returns self, learned attributes end in
 ``_``, hyperparameters are constructor arguments). Saved as ``pca.npz`` (numeric arrays and
 a JSON string of the hyperparameters; loads with ``allow_pickle=False``).
@@ -24,8 +28,18 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from models.evaluation import l2_normalise, make_split_pairs, roc_auc, score_pairs
+from models.face_features import DEFAULT_FEATURES, face_features, parse_features
 
 WEIGHTS_FILE = "pca.npz"
+
+
+def _project(
+    X: np.ndarray, mean: np.ndarray, components: np.ndarray, variance: np.ndarray | None
+) -> np.ndarray:
+    Z = (X - mean) @ components.T
+    if variance is not None:
+        Z = Z / np.sqrt(variance)
+    return Z.astype(np.float32)
 
 
 def _flatten(faces: np.ndarray) -> np.ndarray:
@@ -44,7 +58,9 @@ class PCAEmbedder(BaseEstimator):
 
     Parameters
     ----------
-    n_components: PCA dimensions kept (capped by the data).
+    n_components: PCA dimensions kept per feature map (capped by the data).
+    features: the feature maps, '+'-joined (models/face_features.py); one PCA (+ LDA)
+        subspace each, cosine scores averaged. 'pixels' alone is classic eigenfaces.
     whiten: divide each PCA coordinate by its standard deviation.
     lda: ``True`` always fit LDA on the identities, ``False`` never, ``"auto"`` fit it only
         when it gives a better verification AUC on a held-out part of the training people.
@@ -63,6 +79,7 @@ class PCAEmbedder(BaseEstimator):
     def __init__(
         self,
         n_components: int = 200,
+        features: str = DEFAULT_FEATURES,
         whiten: bool = True,
         lda: bool | Literal["auto"] = "auto",
         lda_components: int | None = 15,
@@ -75,6 +92,7 @@ class PCAEmbedder(BaseEstimator):
         face_shape: tuple[int, int] = (68, 56),
     ) -> None:
         self.n_components = n_components
+        self.features = features
         self.whiten = whiten
         self.lda = lda
         self.lda_components = lda_components
@@ -92,6 +110,7 @@ class PCAEmbedder(BaseEstimator):
         """Learn the basis from faces ``X`` (N,H,W); ``y`` = identity labels (needed for LDA)."""
         if self.lda not in (True, False, "auto"):
             raise ValueError(f"lda must be True, False or 'auto', got {self.lda!r}")
+        parse_features(self.features)
         faces = np.asarray(X, dtype=np.float32)
         if faces.ndim == 2:
             faces = faces.reshape(len(faces), *self.face_shape)
@@ -139,18 +158,41 @@ class PCAEmbedder(BaseEstimator):
         return scores["pca+lda"] > scores["pca"]
 
     def _fit_arrays(self, faces: np.ndarray, labels: np.ndarray | None, use_lda: bool) -> None:
-        X = _flatten(faces)
+        """One subspace per feature map, stacked along a leading axis of the arrays."""
+        fitted = [
+            self._fit_subspace(face_features(faces, kind), labels, use_lda)
+            for kind in parse_features(self.features)
+        ]
+        self.mean_ = np.stack([f[0] for f in fitted])
+        self.components_ = np.stack([f[1] for f in fitted])
+        self.explained_variance_ = np.stack([f[2] for f in fitted])
+        ldas = [f[3] for f in fitted]
+        self.lda_scalings_: np.ndarray | None = (
+            np.stack(ldas) if all(a is not None for a in ldas) else None  # type: ignore[misc]
+        )
+        self.lda_used_ = self.lda_scalings_ is not None
+        self.n_components_ = int(self.components_.shape[1])
+        per_map = (
+            self.lda_scalings_.shape[2] if self.lda_scalings_ is not None else self.n_components_
+        )
+        self.embedding_dim_ = int(per_map * len(fitted))
+
+    def _fit_subspace(
+        self, maps: np.ndarray, labels: np.ndarray | None, use_lda: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(mean, components, explained variance, LDA scalings or None) of one feature map."""
+        X = _flatten(maps)
         d = X.shape[1]
         if self.flip_augment:
             # mirrored copies are added implicitly: with a left-right symmetric mean, the
             # scatter of [X; flip(X)] is C + P C P (P = the flip permutation of pixels)
             perm = np.arange(d).reshape(self.face_shape)[:, ::-1].ravel()
             mean = X.mean(axis=0)
-            self.mean_ = ((mean + mean[perm]) / 2.0).astype(np.float32)
+            mean = ((mean + mean[perm]) / 2.0).astype(np.float32)
             labels = None if labels is None else np.concatenate([labels, labels])
         else:
-            self.mean_ = X.mean(axis=0).astype(np.float32)
-        Xc = (X - self.mean_).astype(np.float32)
+            mean = X.mean(axis=0).astype(np.float32)
+        Xc = (X - mean).astype(np.float32)
         n = 2 * len(Xc) if self.flip_augment else len(Xc)
         k_total = min(self.n_components + self.drop_components, n - 1, d)
         k0 = min(self.drop_components, max(k_total - 1, 0))
@@ -168,21 +210,16 @@ class PCAEmbedder(BaseEstimator):
             evals, evecs = linalg.eigh(cov, subset_by_index=[d - k_total, d - 1])
             evals, evecs = evals[::-1], evecs[:, ::-1]
             comps = evecs.T
-        variance = np.maximum(evals / max(n - 1, 1), 1e-12)
-        self.components_ = comps[k0:].astype(np.float32)
-        self.explained_variance_ = variance[k0:].astype(np.float32)
-        self.n_components_ = int(self.components_.shape[0])
-        Z = self._pca_project(X)
+        variance = np.maximum(evals / max(n - 1, 1), 1e-12)[k0:].astype(np.float32)
+        components = comps[k0:].astype(np.float32)
+        if not (use_lda and labels is not None):
+            return mean, components, variance, None
+        scale = variance if self.whiten else None
+        Z = _project(X, mean, components, scale)
         if self.flip_augment:
-            Z = np.concatenate([Z, self._pca_project(_flatten(faces[..., ::-1]))])
-        self.lda_scalings_: np.ndarray | None = None
-        self.lda_used_ = False
-        if use_lda and labels is not None:
-            self.lda_scalings_ = self._fit_lda(Z, labels)
-            self.lda_used_ = self.lda_scalings_ is not None
-        self.embedding_dim_ = int(
-            self.lda_scalings_.shape[1] if self.lda_scalings_ is not None else self.n_components_
-        )
+            flipped = _flatten(np.asarray(maps)[..., ::-1])
+            Z = np.concatenate([Z, _project(flipped, mean, components, scale)])
+        return mean, components, variance, self._fit_lda(Z, labels)
 
     def _fit_lda(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
         names, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -218,25 +255,30 @@ class PCAEmbedder(BaseEstimator):
                 "This PCAEmbedder instance is not fitted yet. Call 'fit' before 'embed'."
             )
 
-    def _pca_project(self, X: np.ndarray) -> np.ndarray:
-        Z = (X - self.mean_) @ self.components_.T
-        if self.whiten:
-            Z = Z / np.sqrt(self.explained_variance_)
-        return Z.astype(np.float32)
-
     def transform(self, X: np.ndarray) -> np.ndarray:
-        """Faces -> un-normalised embedding (PCA, then LDA when fitted)."""
+        """Faces -> embedding: per feature map PCA (then LDA), each L2-normalised, joined."""
         self._check_fitted()
         return self._transform(X, use_lda=True)
 
     def _transform(self, X: np.ndarray, use_lda: bool) -> np.ndarray:
-        if self.flip_average:
-            faces = np.asarray(X, dtype=np.float32).reshape(-1, *self.face_shape)
-            X = (faces + faces[..., ::-1]) / 2.0  # projection is linear: mean of both
-        Z = self._pca_project(_flatten(X))
-        if use_lda and self.lda_scalings_ is not None:
-            Z = Z @ self.lda_scalings_
-        return Z.astype(np.float32)
+        faces = np.asarray(X, dtype=np.float32).reshape(-1, *self.face_shape)
+        kinds = parse_features(self.features)
+        parts = []
+        for i, kind in enumerate(kinds):
+            maps = face_features(faces, kind)
+            if self.flip_average:  # maps are flip-equivariant and projection is linear
+                maps = (maps + maps[..., ::-1]) / 2.0
+            Z = _project(
+                _flatten(maps),
+                self.mean_[i],
+                self.components_[i],
+                self.explained_variance_[i] if self.whiten else None,
+            )
+            if use_lda and self.lda_scalings_ is not None:
+                Z = Z @ self.lda_scalings_[i]
+            parts.append(l2_normalise(Z))
+        # cosine of the joined vectors = mean of the per-map cosines
+        return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
         """Faces (N,H,W) float32 -> L2-normalised embeddings (N, embedding_dim_)."""
@@ -280,20 +322,30 @@ class PCAEmbedder(BaseEstimator):
             params = json.loads(str(data["params_json"]))
             params["face_shape"] = tuple(params["face_shape"])
             state = json.loads(str(data["state_json"]))
-            model = cls(**params)
-            model.mean_ = data["mean"]
-            model.components_ = data["components"]
-            model.explained_variance_ = data["explained_variance"]
-            model.lda_scalings_ = data.get("lda_scalings", None)
-        model.n_components_ = int(model.components_.shape[0])
+            arrays = {k: data[k] for k in ("mean", "components", "explained_variance")}
+            lda = data["lda_scalings"] if "lda_scalings" in data.files else None
+        if arrays["components"].ndim == 2:  # saved before feature maps: one 'pixels' map
+            params["features"] = "pixels"
+            arrays = {k: v[None] for k, v in arrays.items()}
+            lda = None if lda is None else lda[None]
+        model = cls(**params)
+        model.mean_ = arrays["mean"]
+        model.components_ = arrays["components"]
+        model.explained_variance_ = arrays["explained_variance"]
+        model.lda_scalings_ = lda
+        model.n_components_ = int(model.components_.shape[1])
         model.lda_used_ = bool(state["lda_used"])
         model.lda_auto_scores_ = state["lda_auto_scores"]
-        model.embedding_dim_ = int(
-            model.lda_scalings_.shape[1] if model.lda_scalings_ is not None else model.n_components_
-        )
+        per_map = lda.shape[2] if lda is not None else model.n_components_
+        model.embedding_dim_ = int(per_map * len(model.components_))
         return model
 
     def eigenfaces(self, n: int = 16) -> np.ndarray:
-        """First ``n`` PCA components as images (n, H, W), for a model card grid."""
+        """First ``n`` PCA components of the first feature map as images (n, H, W)."""
         self._check_fitted()
-        return self.components_[:n].reshape(-1, *self.face_shape)
+        return self.components_[0, :n].reshape(-1, *self.face_shape)
+
+    def mean_face(self) -> np.ndarray:
+        """Mean of the first feature map, (H, W)."""
+        self._check_fitted()
+        return self.mean_[0].reshape(self.face_shape)

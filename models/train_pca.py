@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
+from models.face_features import DEFAULT_FEATURES, FEATURES  # noqa: E402
 from models.loading import (  # noqa: E402
     add_script_mode_args,
     evaluate_on_channel,
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the PCA face embedder (script mode).")
     # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
     p.add_argument("--n-components", "--n_components", type=int, default=200)
+    p.add_argument(
+        "--features",
+        default=DEFAULT_FEATURES,
+        help=f"'+'-joined feature maps, one PCA subspace each, from {', '.join(FEATURES)}",
+    )
     p.add_argument("--whiten", type=str2bool, default=True)
     p.add_argument("--lda", type=lda_flag, default="auto", help="true | false | auto")
     p.add_argument(
@@ -69,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def hyperparameters(args: argparse.Namespace) -> dict:
     return {
         "n_components": args.n_components,
+        "features": args.features,
         "whiten": args.whiten,
         "lda": args.lda,
         "lda_components": args.lda_components,
@@ -83,6 +90,7 @@ def hyperparameters(args: argparse.Namespace) -> dict:
 def make_model(args: argparse.Namespace, face_shape: tuple[int, int]) -> PCAEmbedder:
     return PCAEmbedder(
         n_components=args.n_components,
+        features=args.features,
         whiten=args.whiten,
         lda=args.lda,
         lda_components=args.lda_components or None,

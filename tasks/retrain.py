@@ -160,14 +160,14 @@ def evaluate_champion(
 
 
 def eigenfaces_png(model_dir: Path, n: int = 16) -> bytes:
-    """The mean face and the leading eigenfaces of a PCA model dir, as one PNG grid."""
+    """Mean and leading eigenfaces of a PCA model dir's first feature map, as a PNG grid."""
     from core.reports import face_grid
     from models.loading import read_model_json
     from models.pca import PCAEmbedder
 
     shape = tuple(read_model_json(model_dir).get("face_shape") or (68, 56))
     model = PCAEmbedder.load(model_dir)
-    faces = np.concatenate([model.mean_[None], model.components_[: n - 1]]).reshape(-1, *shape)
+    faces = np.concatenate([model.mean_face()[None], model.eigenfaces(n - 1)]).reshape(-1, *shape)
     titles = ["mean"] + [f"#{i + 1}" for i in range(len(faces) - 1)]
     return face_grid(faces, titles, cols=8)
 

@@ -47,6 +47,7 @@ from tasks.verify import EmbeddingTable, FaceOrError, Progress, iter_unique_face
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 SERVING_CODE = {"siamese": "inference.py", "pca": "inference_pca.py"}
+SERVING_HELPERS = {"siamese": (), "pca": ("face_features.py",)}  # imported by the script
 CONTENT_TYPE = "application/jsonlines"
 SHARD_FACES = 500
 
@@ -138,8 +139,8 @@ def repack_with_serving_code(archive: bytes) -> tuple[bytes, str]:
             raise SageMakerBackendError(f"no serving code for model kind {kind!r}")
         code = root / "code"
         code.mkdir(exist_ok=True)
-        script = SERVING_CODE[kind]
-        (code / script).write_bytes((MODELS_DIR / script).read_bytes())
+        for name in (SERVING_CODE[kind], *SERVING_HELPERS[kind]):
+            (code / name).write_bytes((MODELS_DIR / name).read_bytes())
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(root.rglob("*")):

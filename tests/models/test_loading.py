@@ -20,7 +20,7 @@ def test_load_embedder_dispatches_on_kind_and_keeps_the_threshold(tmp_path):
     embedder = load_embedder(tmp_path)
     assert embedder.kind == "pca" and embedder.threshold == pytest.approx(0.42)
     np.testing.assert_allclose(embedder.embed(faces), model.embed(faces), atol=1e-6)
-    assert embedder.embed(faces[0]).shape == (1, 8)  # a single (H, W) face
+    assert embedder.embed(faces[0]).shape == (1, model.embedding_dim_)  # a single (H, W) face
     scores = embedder.score_pairs(embedder.embed(faces[:3]), embedder.embed(faces[:3]))
     np.testing.assert_allclose(scores, 1.0, atol=1e-5)
     assert embedder.same_person(scores).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -25,7 +27,7 @@ def test_fit_returns_self_and_learned_attributes_end_in_underscore(data):
     assert model.get_params() == params_before  # fit does not touch hyperparameters
     learned = set(vars(model)) - set(params_before)
     assert learned and all(name.endswith("_") for name in learned)
-    assert model.components_.shape == (20, 68 * 56)
+    assert model.components_.shape == (3, 20, 68 * 56)  # one subspace per feature map
     assert clone(model).get_params() == params_before
     assert not hasattr(clone(model), "components_")
 
@@ -45,7 +47,7 @@ def test_bad_hyperparameter_is_a_plain_error(data):
 def test_embeddings_are_l2_normalised_float32(data):
     faces, labels, _ = data
     emb = PCAEmbedder(n_components=10, lda=False).fit(faces).embed(faces)
-    assert emb.dtype == np.float32 and emb.shape == (len(faces), 10)
+    assert emb.dtype == np.float32 and emb.shape == (len(faces), 3 * 10)  # 3 feature maps
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
@@ -89,3 +91,31 @@ def test_save_load_round_trip_without_pickle(tmp_path, data, lda):
     assert loaded.get_params() == model.get_params()
     np.testing.assert_allclose(loaded.embed(faces), model.embed(faces), atol=1e-6)
     assert loaded.lda_used_ == model.lda_used_
+
+
+def test_loads_a_model_saved_before_feature_maps(tmp_path, data):
+    """Registries hold pca.npz files with 2-D arrays and no 'features': one pixels map."""
+    faces, labels, _ = data
+    model = PCAEmbedder(n_components=12, lda=True, features="pixels").fit(faces, labels)
+    path = model.save(tmp_path)
+    with np.load(path, allow_pickle=False) as arrays:
+        legacy = {k: arrays[k] for k in arrays.files}
+    params = json.loads(str(legacy["params_json"]))
+    del params["features"]
+    legacy["params_json"] = np.array(json.dumps(params))
+    for k in ("mean", "components", "explained_variance", "lda_scalings"):
+        legacy[k] = legacy[k][0]
+    np.savez(path, **legacy)
+    loaded = PCAEmbedder.load(tmp_path)
+    assert loaded.features == "pixels"
+    np.testing.assert_allclose(loaded.embed(faces), model.embed(faces), atol=1e-6)
+
+
+def test_each_feature_map_adds_a_subspace(data):
+    faces, labels, _ = data
+    one = PCAEmbedder(n_components=10, lda=False, features="pixels").fit(faces)
+    two = PCAEmbedder(n_components=10, lda=False, features="smooth+gradient").fit(faces)
+    assert one.embedding_dim_ == 10 and two.embedding_dim_ == 20
+    assert two.embed(faces).shape == (len(faces), 20)
+    with pytest.raises(ValueError, match="features must be"):
+        PCAEmbedder(features="pixels+sift").fit(faces, labels)
