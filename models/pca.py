@@ -166,9 +166,9 @@ class PCAEmbedder(BaseEstimator):
         self.mean_ = np.stack([f[0] for f in fitted])
         self.components_ = np.stack([f[1] for f in fitted])
         self.explained_variance_ = np.stack([f[2] for f in fitted])
-        ldas = [f[3] for f in fitted]
+        ldas = [f[3] for f in fitted if f[3] is not None]
         self.lda_scalings_: np.ndarray | None = (
-            np.stack(ldas) if all(a is not None for a in ldas) else None  # type: ignore[misc]
+            np.stack(ldas) if ldas and len(ldas) == len(fitted) else None
         )
         self.lda_used_ = self.lda_scalings_ is not None
         self.n_components_ = int(self.components_.shape[1])
