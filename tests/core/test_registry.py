@@ -84,7 +84,7 @@ def test_register_writes_artifact_metrics_card_and_roc(any_storage, tmp_path: Pa
     assert any_storage.get_bytes(prefix + "roc.png").startswith(b"\x89PNG")
     stored = json.loads(any_storage.get_bytes(prefix + "metrics.json"))
     assert stored["accuracy"] == 0.8 and stored["version"] == version
-    assert stored["model"] == {"kind": "pca", "threshold": 0.42, "embedding_dim": 4}
+    assert stored["model"] == {"kind": "pca", "threshold": 0.42, "embedding_dim": 3 * 4}  # 3 maps
     card = any_storage.get_bytes(prefix + "model_card.md").decode()
     for needle in ("0123456789abcdef", "abc123", "| backend | local |", "n_components", "0.8000"):
         assert needle in card
@@ -194,7 +194,7 @@ def test_load_production_model_downloads_once_and_embeds(any_storage, tmp_path: 
     assert embedder.kind == "pca" and embedder.threshold == pytest.approx(0.42)
     faces = np.random.default_rng(0).normal(size=(3, 68, 56)).astype(np.float32)
     emb = embedder.embed(faces)
-    assert emb.shape == (3, 4)
+    assert emb.shape == (3, 3 * 4)  # 3 feature maps x 4 components
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
 
     # a second load uses the cache: it works even with the artifact gone from storage
