@@ -59,7 +59,7 @@ def test_train_pca_runs_under_fake_opt_ml(channel: Path, tmp_path: Path) -> None
     assert embedder.kind == "pca"
     assert embedder.threshold == pytest.approx(result.metrics["threshold"])
     faces = np.random.default_rng(0).normal(size=(2, 68, 56)).astype(np.float32)
-    assert embedder.embed(faces).shape == (2, 10)
+    assert embedder.embed(faces).shape == (2, 3 * 10)  # 3 feature maps x 10 components
 
 
 def write_script(source: Path, body: str) -> Path:
