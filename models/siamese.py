@@ -54,6 +54,9 @@ class SiameseConfig:
     contrast: float = 0.2
     brightness: float = 0.2
     seed: int = 0
+    # train in bfloat16 (variables stay float32): ~2x the steps per second on CPUs with
+    # avx512_bf16 / AMX; the saved model is rebuilt in float32 either way
+    mixed_precision: bool = False
     face_shape: tuple[int, int] = (68, 56)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,26 +67,39 @@ class SiameseConfig:
         return d
 
 
-def build_tower(config: SiameseConfig):
-    """(H, W, 1) face -> un-normalised embedding: conv blocks with BN, flatten, dense."""
+def build_tower(config: SiameseConfig, dtype: str | None = None):
+    """(H, W, 1) face -> un-normalised embedding: conv blocks with BN, flatten, dense.
+
+    ``dtype``: the layers' dtype policy (e.g. ``"mixed_bfloat16"``); None = float32."""
     layers = keras.layers
+    kw: dict[str, Any] = {"dtype": dtype} if dtype else {}
     reg = keras.regularizers.L2(config.weight_decay) if config.weight_decay else None
     inp = keras.Input((*config.face_shape, 1), name="face")
     x = inp
     for i, f in enumerate(config.filters):
         for j in range(2):
             x = layers.Conv2D(
-                f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"conv{i}_{j}"
+                f,
+                3,
+                padding="same",
+                use_bias=False,
+                kernel_regularizer=reg,
+                name=f"conv{i}_{j}",
+                **kw,
             )(x)
-            x = layers.BatchNormalization(name=f"bn{i}_{j}")(x)
-            x = layers.ReLU(name=f"relu{i}_{j}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{i}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dropout(config.dropout, name="dropout")(x)
+            x = layers.BatchNormalization(name=f"bn{i}_{j}", **kw)(x)
+            x = layers.ReLU(name=f"relu{i}_{j}", **kw)(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i}", **kw)(x)
+    x = layers.Flatten(name="flatten", **kw)(x)
+    x = layers.Dropout(config.dropout, name="dropout", **kw)(x)
     x = layers.Dense(
-        config.embedding_dim, use_bias=False, kernel_regularizer=reg, name="embedding_dense"
+        config.embedding_dim,
+        use_bias=False,
+        kernel_regularizer=reg,
+        name="embedding_dense",
+        **kw,
     )(x)
-    x = layers.BatchNormalization(name="embedding_bn")(x)
+    x = layers.BatchNormalization(name="embedding_bn", **kw)(x)
     return keras.Model(inp, x, name="tower")
 
 
@@ -212,10 +228,10 @@ def train_siamese(
         .map(lambda a, b: ((a, b), b))
         .prefetch(tf.data.AUTOTUNE)
     )
-    tower = build_tower(config)
+    tower = build_tower(config, "mixed_bfloat16" if config.mixed_precision else None)
     img_in = keras.Input((*config.face_shape, 1), name="face")
     label_in = keras.Input((), dtype="int32", name="label")
-    logits = CosFaceLogits(n_classes, config.scale, config.margin, name="cosface")(
+    logits = CosFaceLogits(n_classes, config.scale, config.margin, name="cosface", dtype="float32")(
         [tower(img_in), label_in]
     )
     trainer = keras.Model([img_in, label_in], logits)
@@ -238,6 +254,10 @@ def train_siamese(
     )
     epochs_done = len(history.history.get("loss", []))
     log(f"siamese: trained {epochs_done} epochs in {time.time() - t0:.0f}s")
+    if config.mixed_precision:  # same weights (kept in float32), float32 compute to serve
+        serving_tower = build_tower(config)
+        serving_tower.set_weights(tower.get_weights())
+        tower = serving_tower
     model = SiameseEmbedder(build_inference_model(tower, config.face_shape), config)
     model.epochs_trained_ = epochs_done
     model.train_seconds_ = time.time() - t0

@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=d.min_images_per_identity,
     )
     p.add_argument(
+        "--mixed-precision",
+        "--mixed_precision",
+        type=int,
+        default=int(d.mixed_precision),
+        help="1 = train in bfloat16 (float32 variables); the saved model computes in float32",
+    )
+    p.add_argument(
         "--export-savedmodel",
         "--export_savedmodel",
         type=int,
@@ -92,6 +99,7 @@ def make_config(args: argparse.Namespace, face_shape: tuple[int, int]) -> Siames
         margin=args.margin,
         scale=args.scale,
         min_images_per_identity=args.min_images_per_identity,
+        mixed_precision=bool(args.mixed_precision),
         seed=args.seed,
         face_shape=face_shape,
     )

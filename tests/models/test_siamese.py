@@ -93,3 +93,16 @@ def test_save_then_load_with_safe_mode_in_a_fresh_process(tmp_path, trained, dat
     assert result["signatures"] == ["serve_nhwc", "serving_default"]
     loaded = SiameseEmbedder.load(tmp_path / "model")
     np.testing.assert_allclose(loaded.embed(faces), np.load(tmp_path / "expected.npy"), atol=1e-5)
+
+
+def test_mixed_precision_training_serves_in_float32(data):
+    """bfloat16 training keeps float32 variables; the served model computes in float32."""
+    faces, labels, _ = data
+    model = train_siamese(
+        faces, labels, SiameseConfig(epochs=1, mixed_precision=True, **TINY), log=lambda m: None
+    )
+    policies = {layer.dtype_policy.name for layer in model.model.get_layer("tower").layers}
+    assert policies == {"float32"}
+    emb = model.embed(faces[:4])
+    assert emb.dtype == np.float32 and np.isfinite(emb).all()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
