@@ -1,4 +1,5 @@
-"""Fixed (not learned) per-face feature maps for the PCA model, numpy only.
+"""Fixed (not learned) per-face feature maps for the PCA model, and the per-map subspace
+embedding both ``models.pca.PCAEmbedder`` and the serving script apply; numpy only.
 
 The PCA model fits one whitened PCA (+ LDA) subspace per feature map and averages the
 cosine scores of the subspaces (it concatenates their L2-normalised embeddings). Three
@@ -15,6 +16,9 @@ mirrored face is the mirrored map (the PCA flip augmentation relies on that).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +73,9 @@ def equalised_faces(faces: np.ndarray) -> np.ndarray:
     """Each face's pixels replaced by their rank within the face, standardised."""
     x = _check_batch(faces)
     flat = x.reshape(len(x), -1)
-    ranks = np.argsort(np.argsort(flat, axis=1, kind="stable"), axis=1).astype(np.float32)
+    order = np.argsort(flat, axis=1, kind="stable")
+    ranks = np.empty(flat.shape, dtype=np.float32)  # inverse permutation of ``order``
+    np.put_along_axis(ranks, order, np.arange(flat.shape[1], dtype=np.float32)[None], axis=1)
     return _standardise(ranks.reshape(x.shape))
 
 
@@ -110,3 +116,54 @@ def face_features(faces: np.ndarray, kind: str) -> np.ndarray:
     if kind == "equalised":
         return equalised_faces(faces)
     raise ValueError(f"unknown feature map {kind!r}; known: {FEATURES}")
+
+
+def feature_maps(faces: np.ndarray, kinds: Sequence[str]) -> list[np.ndarray]:
+    """One (N, H, W) map per kind."""
+    return [face_features(faces, kind) for kind in kinds]
+
+
+def project(
+    X: np.ndarray, mean: np.ndarray, components: np.ndarray, variance: np.ndarray | None
+) -> np.ndarray:
+    """(N, D) rows -> PCA coordinates; divided by the component standard deviations
+    (whitened) when ``variance`` is given."""
+    Z = (X - mean) @ components.T
+    if variance is not None:
+        Z = Z / np.sqrt(variance)
+    return Z.astype(np.float32)
+
+
+def embed_subspaces(
+    maps: Sequence[np.ndarray],
+    mean: np.ndarray,
+    components: np.ndarray,
+    variance: np.ndarray | None,
+    lda: np.ndarray | None,
+    flip_average: bool = False,
+) -> np.ndarray:
+    """Per map: centre, project on its PCA components (divided by the component standard
+    deviations when ``variance`` is given: whitening), then LDA when given; L2-normalise
+    each and join. The arrays carry one leading entry per map. The cosine of two joined
+    vectors is the mean of the per-map cosines."""
+    parts = []
+    for i, m in enumerate(maps):
+        if flip_average:  # maps are flip-equivariant and projection is linear
+            m = (m + m[..., ::-1]) / 2.0
+        z = project(
+            m.reshape(len(m), -1), mean[i], components[i], None if variance is None else variance[i]
+        )
+        if lda is not None:
+            z = z @ lda[i]
+        parts.append(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
+    return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
+
+
+def per_map_arrays(
+    params: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``pca.npz`` files saved before feature maps hold 2-D arrays and no 'features': read
+    them as one 'pixels' map (a leading axis of length 1)."""
+    if arrays["components"].ndim == 2:
+        return {**params, "features": "pixels"}, {k: v[None] for k, v in arrays.items()}
+    return params, arrays

@@ -22,9 +22,14 @@ from typing import Any
 import numpy as np
 
 try:  # in the serving container: code/face_features.py next to this file
-    from face_features import face_features, parse_features
+    from face_features import embed_subspaces, feature_maps, parse_features, per_map_arrays
 except ImportError:  # in the repository
-    from models.face_features import face_features, parse_features
+    from models.face_features import (
+        embed_subspaces,
+        feature_maps,
+        parse_features,
+        per_map_arrays,
+    )
 
 FACE_SHAPE = (68, 56)
 JSONLINES_TYPES = ("application/jsonlines", "application/x-jsonlines", "application/jsonl")
@@ -34,16 +39,12 @@ def model_fn(model_dir: str) -> dict[str, Any]:
     with np.load(os.path.join(model_dir, "pca.npz"), allow_pickle=False) as data:
         params = json.loads(str(data["params_json"]))
         arrays = {k: data[k].astype(np.float32) for k in data.files if not k.endswith("_json")}
-    if arrays["components"].ndim == 2:  # saved before feature maps: one 'pixels' map
-        arrays = {k: v[None] for k, v in arrays.items()}
-        params["features"] = "pixels"
+    params, arrays = per_map_arrays(params, arrays)
     return {
-        "features": parse_features(params.get("features", "pixels")),
+        "features": parse_features(params["features"]),
         "mean": arrays["mean"],
         "components": arrays["components"],
-        "scale": (
-            1.0 / np.sqrt(arrays["explained_variance"]) if params.get("whiten", True) else None
-        ),
+        "variance": arrays["explained_variance"] if params.get("whiten", True) else None,
         "lda": arrays.get("lda_scalings"),
         "flip_average": bool(params.get("flip_average", False)),
     }
@@ -84,19 +85,15 @@ def input_fn(request_body: Any, request_content_type: str) -> np.ndarray:
 
 
 def predict_fn(faces: np.ndarray, model: dict[str, Any]) -> np.ndarray:
-    faces = faces.reshape(len(faces), *FACE_SHAPE)
-    parts = []
-    for i, kind in enumerate(model["features"]):
-        maps = face_features(faces, kind)
-        if model["flip_average"]:
-            maps = (maps + maps[..., ::-1]) / 2.0
-        z = (maps.reshape(len(maps), -1) - model["mean"][i]) @ model["components"][i].T
-        if model["scale"] is not None:
-            z = z * model["scale"][i]
-        if model["lda"] is not None:
-            z = z @ model["lda"][i]
-        parts.append(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12))
-    return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
+    maps = feature_maps(faces.reshape(len(faces), *FACE_SHAPE), model["features"])
+    return embed_subspaces(
+        maps,
+        model["mean"],
+        model["components"],
+        model["variance"],
+        model["lda"],
+        model["flip_average"],
+    )
 
 
 def output_fn(prediction: np.ndarray, accept: str) -> tuple[str, str]:

@@ -28,18 +28,16 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from models.evaluation import l2_normalise, make_split_pairs, roc_auc, score_pairs
-from models.face_features import DEFAULT_FEATURES, face_features, parse_features
+from models.face_features import (
+    DEFAULT_FEATURES,
+    embed_subspaces,
+    feature_maps,
+    parse_features,
+    per_map_arrays,
+    project,
+)
 
 WEIGHTS_FILE = "pca.npz"
-
-
-def _project(
-    X: np.ndarray, mean: np.ndarray, components: np.ndarray, variance: np.ndarray | None
-) -> np.ndarray:
-    Z = (X - mean) @ components.T
-    if variance is not None:
-        Z = Z / np.sqrt(variance)
-    return Z.astype(np.float32)
 
 
 def _flatten(faces: np.ndarray) -> np.ndarray:
@@ -110,7 +108,7 @@ class PCAEmbedder(BaseEstimator):
         """Learn the basis from faces ``X`` (N,H,W); ``y`` = identity labels (needed for LDA)."""
         if self.lda not in (True, False, "auto"):
             raise ValueError(f"lda must be True, False or 'auto', got {self.lda!r}")
-        parse_features(self.features)
+        kinds = parse_features(self.features)
         faces = np.asarray(X, dtype=np.float32)
         if faces.ndim == 2:
             faces = faces.reshape(len(faces), *self.face_shape)
@@ -122,13 +120,14 @@ class PCAEmbedder(BaseEstimator):
         use_lda: bool = bool(self.lda) if self.lda != "auto" else labels is not None
         if self.lda is True and labels is None:
             raise ValueError("lda=True needs identity labels y")
+        maps = feature_maps(faces, kinds)  # once: the auto check and the fit share them
         self.lda_auto_scores_: dict[str, float] = {}
         if self.lda == "auto" and labels is not None:
-            use_lda = self._choose_lda(faces, labels)
-        self._fit_arrays(faces, labels, use_lda)
+            use_lda = self._choose_lda(maps, labels)
+        self._fit_arrays(maps, labels, use_lda)
         return self
 
-    def _choose_lda(self, faces: np.ndarray, labels: np.ndarray) -> bool:
+    def _choose_lda(self, maps: list[np.ndarray], labels: np.ndarray) -> bool:
         """Hold out some identities, compare holdout-pair AUC with and without LDA."""
         rng = np.random.default_rng(self.random_state)
         people = np.unique(labels)
@@ -149,20 +148,18 @@ class PCAEmbedder(BaseEstimator):
         if pl.min() == pl.max():
             return True
         part = PCAEmbedder(**{**self.get_params(), "lda": True})
-        part._fit_arrays(faces[~is_held], labels[~is_held], True)  # one PCA serves both
+        part._fit_arrays([m[~is_held] for m in maps], labels[~is_held], True)  # one PCA, both
+        held_maps = [m[is_held] for m in maps]
         scores = {}
         for name, flag in (("pca", False), ("pca+lda", True)):
-            emb = l2_normalise(part._transform(faces[is_held], use_lda=flag))
+            emb = l2_normalise(part._embed_maps(held_maps, use_lda=flag))
             scores[name] = roc_auc(score_pairs(emb[ia], emb[ib]), pl)
         self.lda_auto_scores_ = scores
         return scores["pca+lda"] > scores["pca"]
 
-    def _fit_arrays(self, faces: np.ndarray, labels: np.ndarray | None, use_lda: bool) -> None:
+    def _fit_arrays(self, maps: list[np.ndarray], labels: np.ndarray | None, use_lda: bool) -> None:
         """One subspace per feature map, stacked along a leading axis of the arrays."""
-        fitted = [
-            self._fit_subspace(face_features(faces, kind), labels, use_lda)
-            for kind in parse_features(self.features)
-        ]
+        fitted = [self._fit_subspace(m, labels, use_lda) for m in maps]
         self.mean_ = np.stack([f[0] for f in fitted])
         self.components_ = np.stack([f[1] for f in fitted])
         self.explained_variance_ = np.stack([f[2] for f in fitted])
@@ -215,10 +212,10 @@ class PCAEmbedder(BaseEstimator):
         if not (use_lda and labels is not None):
             return mean, components, variance, None
         scale = variance if self.whiten else None
-        Z = _project(X, mean, components, scale)
+        Z = project(X, mean, components, scale)
         if self.flip_augment:
             flipped = _flatten(np.asarray(maps)[..., ::-1])
-            Z = np.concatenate([Z, _project(flipped, mean, components, scale)])
+            Z = np.concatenate([Z, project(flipped, mean, components, scale)])
         return mean, components, variance, self._fit_lda(Z, labels)
 
     def _fit_lda(self, Z: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
@@ -262,23 +259,17 @@ class PCAEmbedder(BaseEstimator):
 
     def _transform(self, X: np.ndarray, use_lda: bool) -> np.ndarray:
         faces = np.asarray(X, dtype=np.float32).reshape(-1, *self.face_shape)
-        kinds = parse_features(self.features)
-        parts = []
-        for i, kind in enumerate(kinds):
-            maps = face_features(faces, kind)
-            if self.flip_average:  # maps are flip-equivariant and projection is linear
-                maps = (maps + maps[..., ::-1]) / 2.0
-            Z = _project(
-                _flatten(maps),
-                self.mean_[i],
-                self.components_[i],
-                self.explained_variance_[i] if self.whiten else None,
-            )
-            if use_lda and self.lda_scalings_ is not None:
-                Z = Z @ self.lda_scalings_[i]
-            parts.append(l2_normalise(Z))
-        # cosine of the joined vectors = mean of the per-map cosines
-        return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
+        return self._embed_maps(feature_maps(faces, parse_features(self.features)), use_lda)
+
+    def _embed_maps(self, maps: list[np.ndarray], use_lda: bool) -> np.ndarray:
+        return embed_subspaces(
+            maps,
+            self.mean_,
+            self.components_,
+            self.explained_variance_ if self.whiten else None,
+            self.lda_scalings_ if use_lda else None,
+            self.flip_average,
+        )
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
         """Faces (N,H,W) float32 -> L2-normalised embeddings (N, embedding_dim_)."""
@@ -322,12 +313,9 @@ class PCAEmbedder(BaseEstimator):
             params = json.loads(str(data["params_json"]))
             params["face_shape"] = tuple(params["face_shape"])
             state = json.loads(str(data["state_json"]))
-            arrays = {k: data[k] for k in ("mean", "components", "explained_variance")}
-            lda = data["lda_scalings"] if "lda_scalings" in data.files else None
-        if arrays["components"].ndim == 2:  # saved before feature maps: one 'pixels' map
-            params["features"] = "pixels"
-            arrays = {k: v[None] for k, v in arrays.items()}
-            lda = None if lda is None else lda[None]
+            arrays = {k: data[k] for k in data.files if not k.endswith("_json")}
+        params, arrays = per_map_arrays(params, arrays)
+        lda = arrays.get("lda_scalings")
         model = cls(**params)
         model.mean_ = arrays["mean"]
         model.components_ = arrays["components"]
