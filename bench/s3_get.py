@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.verify import BUCKET, start_moto  # noqa: E402
+from bench.verify import BUCKET, start_moto  # noqa: E402  (also sets the moto credentials)
 
 
 def timed(keys: list[str], fetch: Callable[[str], bytes], workers: int) -> tuple[float, float]:
@@ -46,8 +46,6 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--workers", type=int, default=16)
     args = p.parse_args()
-    for var, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
-        os.environ.setdefault(var, value)
     import boto3
     import pyarrow.fs as pafs
     import urllib3
