@@ -181,6 +181,18 @@ def siamese_train_fn(args: argparse.Namespace) -> TrainFn:
     return train
 
 
+def _saving(train_fn: TrainFn, model_dir: Path) -> TrainFn:
+    """``train_fn`` that also saves the model it trained (both models have ``save(dir)``)."""
+
+    def train(faces: np.ndarray, labels: np.ndarray):
+        model = train_fn(faces, labels)
+        model.save(model_dir)
+        print(f"model saved -> {model_dir}", flush=True)
+        return model
+
+    return train
+
+
 def _config_tag(name: str, args: argparse.Namespace) -> str:
     if name == "pca":
         return (
@@ -238,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-drop", type=int, default=0)
     p.add_argument("--pca-flip-average", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore saved fold results")
+    p.add_argument(
+        "--save-models",
+        action="store_true",
+        help="keep each fold's trained model in <out>/fold<k>_model/ (for later probes)",
+    )
     args = p.parse_args(argv)
 
     ids, faces = load_faces(args.lfw_home, args.cache_dir)
@@ -272,8 +289,17 @@ def main(argv: list[str] | None = None) -> None:
                 res = json.loads(path.read_text())
                 print(f"fold {k}: (saved) accuracy {res['accuracy']:.4f}", flush=True)
             else:
+                fold_train = (
+                    _saving(train_fn, out / f"fold{k}_model") if args.save_models else train_fn
+                )
                 res = run_view2_fold(
-                    train_fn, faces, ids, people_fold, pairs, k, log=lambda m: print(m, flush=True)
+                    fold_train,
+                    faces,
+                    ids,
+                    people_fold,
+                    pairs,
+                    k,
+                    log=lambda m: print(m, flush=True),
                 )
                 _write_json(path, res)
             results.append(res)
