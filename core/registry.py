@@ -422,7 +422,7 @@ def fetch_model_dir(
 
 
 def load_production_model(
-    storage: Storage, name: str, cache_dir: str | Path
+    storage: Storage, name: str, cache_dir: str | Path, precision: str = "float32"
 ) -> tuple[dict[str, Any], Any]:
     """``(pointer, embedder)`` of the production version of ``name``.
 
@@ -436,4 +436,4 @@ def load_production_model(
     model_dir = fetch_model_dir(
         storage, name, pointer["version"], cache_dir, artifact_key=pointer["artifact_key"]
     )
-    return pointer, load_embedder(model_dir)
+    return pointer, load_embedder(model_dir, precision=precision)

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from core.pairlists import PairListError
-from core.settings import get_settings
+from core.settings import PRECISIONS, get_settings
 from core.storage import ObjectNotFound, storage_from_uri
 from tasks.verify import (
     check_list_key,
@@ -34,6 +34,7 @@ def verify_pairs(
     batch_size: int = 256,
     storage_uri: str | None = None,
     instance_count: int = 1,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Verify every unprocessed list under incoming/ (oldest first), or only ``list_key``.
 
@@ -46,6 +47,8 @@ def verify_pairs(
       batch_size: faces per embedding batch.
       storage_uri: override settings.storage_uri (file://... or s3://bucket/prefix).
       instance_count: SageMaker transform instances (sagemaker backend only).
+      precision: Siamese inference precision on the local backend, ``float32`` or
+        ``bfloat16``; None = settings.inference_precision.
 
     Returns {"processed": [...ledger entries], "rejected": [...], "failed": [...]}.
     A bad list is rejected and the run goes on; infrastructure failures on a list are
@@ -56,6 +59,9 @@ def verify_pairs(
     backend = backend or settings.backend
     if backend not in ("local", "sagemaker"):
         raise ValueError(f"backend must be 'local' or 'sagemaker', got {backend!r}")
+    precision = precision or settings.inference_precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if list_key:
         check_list_key(list_key)
     storage = storage_from_uri(
@@ -69,7 +75,11 @@ def verify_pairs(
         logger.info("no unprocessed pair lists under %s", storage.url_for("incoming/"))
         return out
     pointer, embedder = load_production_model_task(
-        storage, model_name, str(settings.cache_path / "models"), backend == "local"
+        storage,
+        model_name,
+        str(settings.cache_path / "models"),
+        backend == "local",
+        precision=precision,
     )
     threshold = float(pointer["threshold"])
     logger.info(

@@ -130,8 +130,10 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_embedder(model_dir: str | Path) -> LoadedEmbedder:
-    """Read ``model.json`` and the weights next to it; TensorFlow is imported only for siamese."""
+def load_embedder(model_dir: str | Path, precision: str = "float32") -> LoadedEmbedder:
+    """Read ``model.json`` and the weights next to it; TensorFlow is imported only for siamese.
+
+    ``precision`` applies to the Siamese network only (PCA is numpy float32 either way)."""
     meta = read_model_json(model_dir)
     if meta["kind"] == "pca":
         from models.pca import PCAEmbedder
@@ -140,7 +142,7 @@ def load_embedder(model_dir: str | Path) -> LoadedEmbedder:
     else:
         from models.siamese import SiameseEmbedder
 
-        model = SiameseEmbedder.load(model_dir)
+        model = SiameseEmbedder.load(model_dir, precision=precision)
     return LoadedEmbedder(
         kind=meta["kind"], threshold=float(meta["threshold"]), model=model, meta=meta
     )

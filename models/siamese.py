@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from models.siamese_layers import CosFaceLogits, FlipHorizontal
 
 KERAS_FILE = "model.keras"
 SAVEDMODEL_DIR = "savedmodel/1"
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -267,11 +269,65 @@ def train_siamese(
 # ---------------------------------------------------------------- inference + persistence
 
 
-class SiameseEmbedder:
-    """Flip-averaged, L2-normalised embeddings from a saved or freshly trained tower."""
+def bfloat16_supported() -> bool:
+    """True when this machine computes bfloat16 natively (a GPU, or x86 with AVX512-BF16 /
+    AMX); elsewhere TensorFlow emulates it and bfloat16 inference is slower, not faster."""
+    import tensorflow as tf
 
-    def __init__(self, model, config: SiameseConfig | None = None):
-        self.model = model
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def with_bfloat16_body(model):
+    """A copy of the inference model whose convolutional body computes in bfloat16.
+
+    The weights stay float32 (``mixed_bfloat16`` policy); the embedding head (dense + BN),
+    the flip average and the L2 normalisation stay float32, so the embeddings differ from
+    the float32 model's only by the rounding of the conv activations (cosine > 0.9999 on
+    the models we measured). ~1.6x faster on CPUs with AVX512-BF16."""
+    body_types = (
+        keras.layers.Conv2D,
+        keras.layers.BatchNormalization,
+        keras.layers.ReLU,
+        keras.layers.MaxPooling2D,
+        keras.layers.Flatten,
+        keras.layers.Dropout,
+    )
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, body_types) and not layer.name.startswith("embedding"):
+            config["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+class SiameseEmbedder:
+    """Flip-averaged, L2-normalised embeddings from a saved or freshly trained tower.
+
+    ``precision="bfloat16"`` serves through :func:`with_bfloat16_body` (opt-in: measured
+    speed and accuracy in the README)."""
+
+    def __init__(self, model, config: SiameseConfig | None = None, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "bfloat16" and not bfloat16_supported():
+            warnings.warn(
+                "bfloat16 inference on a CPU without AVX512-BF16/AMX is emulated and slow",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.precision = precision
+        self.model = model  # float32: what save() writes
+        self.serving_model = with_bfloat16_body(model) if precision == "bfloat16" else model
         self.config = config or SiameseConfig()
         self.epochs_trained_: int | None = None
         self.train_seconds_: float | None = None
@@ -285,7 +341,7 @@ class SiameseEmbedder:
             import tensorflow as tf
 
             h, w = self.model.input_shape[1:3]
-            model = self.model
+            model = self.serving_model
             self._forward = tf.function(
                 lambda faces: model(faces, training=False),
                 input_signature=[tf.TensorSpec((None, h, w), tf.float32)],
@@ -322,11 +378,11 @@ class SiameseEmbedder:
         return path
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> SiameseEmbedder:
+    def load(cls, model_dir: str | Path, precision: str = "float32") -> SiameseEmbedder:
         path = Path(model_dir)
         if path.is_dir():
             path = path / KERAS_FILE
-        return cls(keras.models.load_model(path, safe_mode=True))
+        return cls(keras.models.load_model(path, safe_mode=True), precision=precision)
 
 
 def export_savedmodel_for_serving(model, export_dir: str | Path) -> Path:

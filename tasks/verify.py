@@ -92,11 +92,14 @@ def choose_model_name(storage: Any, model_name: str) -> str:
     return str(best["name"])
 
 
-def load_model(storage: Any, model_name: str, cache_dir: str | Path) -> tuple[dict, Any]:
+def load_model(
+    storage: Any, model_name: str, cache_dir: str | Path, precision: str = "float32"
+) -> tuple[dict, Any]:
     """``(pointer, embedder)`` of the production model (``auto`` picks the best one)."""
     from core.registry import load_production_model
 
-    return load_production_model(storage, choose_model_name(storage, model_name), cache_dir)
+    name = choose_model_name(storage, model_name)
+    return load_production_model(storage, name, cache_dir, precision=precision)
 
 
 def check_list_key(list_key: str) -> str:
@@ -745,7 +748,11 @@ def find_pending_lists(storage: Any, list_key: str | None = None) -> list[Object
 
 @task(name="load_production_model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def load_production_model_task(
-    storage: Any, model_name: str, cache_dir: str, with_embedder: bool = True
+    storage: Any,
+    model_name: str,
+    cache_dir: str,
+    with_embedder: bool = True,
+    precision: str = "float32",
 ) -> tuple[dict[str, Any], Any]:
     """The production pointer (and the embedder, unless a remote backend embeds)."""
     from core.registry import RegistryError, get_production
@@ -756,7 +763,7 @@ def load_production_model_task(
         if pointer is None:
             raise RegistryError(f"no production model for {name!r} in {storage.uri}")
         return pointer, None
-    return load_model(storage, name, cache_dir)
+    return load_model(storage, name, cache_dir, precision=precision)
 
 
 @task(name="verify_pair_list", cache_policy=NO_CACHE)

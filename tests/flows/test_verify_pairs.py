@@ -349,6 +349,8 @@ def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir
     assert _run(list_key="incoming/two.csv")["processed"] == []
     with pytest.raises(ValueError, match="under incoming/"):
         _run(list_key="models/pca/production.json")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        _run(precision="float16")
     assert [p["list_key"] for p in _run()["processed"]] == ["incoming/one.csv"]
 
 

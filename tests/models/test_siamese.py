@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from models.evaluation import score_pairs
-from models.siamese import SiameseConfig, SiameseEmbedder, train_siamese
+from models.siamese import SiameseConfig, SiameseEmbedder, bfloat16_supported, train_siamese
 from tests.models.synthetic import make_faces
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,3 +107,29 @@ def test_mixed_precision_training_serves_in_float32(data):
     emb = model.embed(faces[:4])
     assert emb.dtype == np.float32 and np.isfinite(emb).all()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_bfloat16_inference_keeps_float32_head_and_agrees_with_float32(tmp_path, trained, data):
+    faces = data[0][:16]
+    trained.save(tmp_path, export_savedmodel=False)
+    with pytest.warns(RuntimeWarning) if not bfloat16_supported() else nullcontext():
+        fast = SiameseEmbedder.load(tmp_path, precision="bfloat16")
+    exact = SiameseEmbedder.load(tmp_path)
+    tower = {
+        layer.name: layer.dtype_policy.name
+        for layer in fast.serving_model.get_layer("tower").layers
+    }
+    assert tower["conv0_0"] == tower["bn0_0"] == "mixed_bfloat16"
+    assert tower["embedding_dense"] == tower["embedding_bn"] == "float32"
+    # the float32 model is what gets saved; only the serving copy computes in bfloat16
+    assert {layer.dtype_policy.name for layer in fast.model.get_layer("tower").layers} == {
+        "float32"
+    }
+    emb_fast, emb_exact = fast.embed(faces), exact.embed(faces)
+    assert emb_fast.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb_fast, axis=1), 1.0, atol=1e-5)
+    cosines = score_pairs(emb_fast, emb_exact)
+    assert cosines.min() > 0.999
+    assert not np.array_equal(emb_fast, emb_exact)  # it really computed in bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        SiameseEmbedder.load(tmp_path, precision="float16")
