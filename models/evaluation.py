@@ -295,21 +295,36 @@ def run_view2_fold(
         np.asarray(faces[np.sort(train_rows)], dtype=np.float32), labels[np.argsort(train_rows)]
     )
     train_seconds = time.time() - t0
+    result = score_view2_fold(model, faces, row_of, pairs, fold)
+    result.update(
+        train_seconds=round(train_seconds, 2),
+        n_train_images=len(train_ids),
+        n_train_people=len(set(labels)),
+    )
+    log(
+        f"fold {fold}: accuracy {result['accuracy']:.4f} auc {result['auc']:.4f} "
+        f"threshold {result['threshold']:.4f} train {train_seconds:.0f}s"
+    )
+    return result
+
+
+def score_view2_fold(
+    model: SupportsEmbed,
+    faces: np.ndarray,
+    row_of: Mapping[str, int],
+    pairs: PairTable,
+    fold: int,
+) -> dict[str, Any]:
+    """Score every pair with ``model``; threshold fitted on the other folds' pairs, figures
+    on pair-fold ``fold`` (plus its raw scores and labels)."""
     scores = _embed_pairs(model, faces, row_of, pairs)
     is_fold = pairs.fold == fold
     threshold = fit_threshold(scores[~is_fold], pairs.label[~is_fold])
     result = verification_metrics(scores[is_fold], pairs.label[is_fold], threshold)
     result.update(
         fold=int(fold),
-        train_seconds=round(train_seconds, 2),
-        n_train_images=len(train_ids),
-        n_train_people=len(set(labels)),
         scores=[round(float(s), 6) for s in scores[is_fold]],
         labels=[int(v) for v in pairs.label[is_fold]],
-    )
-    log(
-        f"fold {fold}: accuracy {result['accuracy']:.4f} auc {result['auc']:.4f} "
-        f"threshold {threshold:.4f} train {train_seconds:.0f}s"
     )
     return result
 
