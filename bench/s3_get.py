@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.verify import BUCKET, start_moto  # noqa: E402  (also sets the moto credentials)
+from bench.moto import start_moto  # noqa: E402
+from bench.verify import BUCKET  # noqa: E402  (also sets the moto credentials)
 
 
 def timed(keys: list[str], fetch: Callable[[str], bytes], workers: int) -> tuple[float, float]:

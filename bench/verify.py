@@ -43,20 +43,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import numpy as np  # noqa: E402
 
+from bench.moto import start_moto  # noqa: E402
+
 BUCKET = "facereid-bench"
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    from tests.conftest import free_port, wait_for_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def lfw_path(root: Path, person: str, index: int) -> Path:
