@@ -9,7 +9,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
@@ -47,10 +47,11 @@ class Settings(BaseSettings):
     sagemaker_gpu_instance_type: str = Field(default="ml.g5.xlarge")
     sagemaker_job_timeout_s: int = Field(default=6 * 3600)
     inference_precision: Precision = Field(
-        default="float32",
+        default="auto",
         description=(
             "Siamese inference precision for local verify: bfloat16 computes the conv body in "
-            "bfloat16 (~1.6x faster on CPUs with AVX512-BF16, slower without)"
+            "bfloat16 (~1.5x faster on CPUs with AVX512-BF16, slower without); auto = "
+            "bfloat16 where it is native, else float32"
         ),
     )
     verify_allowed_prefixes: list[str] = Field(

@@ -47,8 +47,9 @@ def verify_pairs(
       batch_size: faces per embedding batch.
       storage_uri: override settings.storage_uri (file://... or s3://bucket/prefix).
       instance_count: SageMaker transform instances (sagemaker backend only).
-      precision: Siamese inference precision on the local backend, ``float32`` or
-        ``bfloat16``; None = settings.inference_precision.
+      precision: Siamese inference precision on the local backend: ``auto`` (bfloat16
+        where the CPU/GPU has it natively), ``float32`` or ``bfloat16``; None =
+        settings.inference_precision (default auto). PCA ignores it.
 
     Returns {"processed": [...ledger entries], "rejected": [...], "failed": [...]}.
     A bad list is rejected and the run goes on; infrastructure failures on a list are
@@ -83,12 +84,13 @@ def verify_pairs(
     )
     threshold = float(pointer["threshold"])
     logger.info(
-        "%d list(s) to verify with %s %s (threshold %.4f, backend %s)",
+        "%d list(s) to verify with %s %s (threshold %.4f, backend %s, precision %s)",
         len(pending),
         pointer["name"],
         pointer["version"],
         threshold,
         backend,
+        getattr(getattr(embedder, "model", None), "precision", "float32"),
     )
     if backend == "sagemaker":
         from tasks.backends.sagemaker_transform import sagemaker_embed_unique

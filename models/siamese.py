@@ -19,6 +19,7 @@ face and its mirror image and returns the L2-normalised mean (flip averaging), s
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from models.siamese_layers import CosFaceLogits, FlipHorizontal
 
 KERAS_FILE = "model.keras"
 SAVEDMODEL_DIR = "savedmodel/1"
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")  # auto: bfloat16 where it is native
 
 
 @dataclass
@@ -271,11 +272,14 @@ def train_siamese(
 
 def bfloat16_supported() -> bool:
     """True when this machine computes bfloat16 natively (a GPU, or x86 with AVX512-BF16 /
-    AMX); elsewhere TensorFlow emulates it and bfloat16 inference is slower, not faster."""
+    AMX and TensorFlow's oneDNN kernels on); elsewhere TensorFlow emulates it and bfloat16
+    inference is slower, not faster."""
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         return True
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -313,12 +317,14 @@ def with_bfloat16_body(model):
 class SiameseEmbedder:
     """Flip-averaged, L2-normalised embeddings from a saved or freshly trained tower.
 
-    ``precision="bfloat16"`` serves through :func:`with_bfloat16_body` (opt-in: measured
-    speed and accuracy in the README)."""
+    ``precision="bfloat16"`` serves through :func:`with_bfloat16_body`; ``"auto"`` does so
+    only where bfloat16 is native (measured speed and accuracy in the README)."""
 
     def __init__(self, model, config: SiameseConfig | None = None, precision: str = "float32"):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "auto":
+            precision = "bfloat16" if bfloat16_supported() else "float32"
         if precision == "bfloat16" and not bfloat16_supported():
             warnings.warn(
                 "bfloat16 inference on a CPU without AVX512-BF16/AMX is emulated and slow",

@@ -133,3 +133,16 @@ def test_bfloat16_inference_keeps_float32_head_and_agrees_with_float32(tmp_path,
     assert not np.array_equal(emb_fast, emb_exact)  # it really computed in bfloat16
     with pytest.raises(ValueError, match="precision"):
         SiameseEmbedder.load(tmp_path, precision="float16")
+
+
+def test_auto_precision_is_bfloat16_only_where_native(tmp_path, trained, monkeypatch):
+    trained.save(tmp_path, export_savedmodel=False)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)  # the tests' env turns it off
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    native = "avx512_bf16" in cpu or "amx_bf16" in cpu
+    expected = "bfloat16" if native else "float32"
+    assert SiameseEmbedder.load(tmp_path, precision="auto").precision == expected
+    # without oneDNN kernels TensorFlow emulates bfloat16: never chosen automatically
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert not bfloat16_supported()
+    assert SiameseEmbedder.load(tmp_path, precision="auto").precision == "float32"
