@@ -139,7 +139,10 @@ def test_auto_precision_is_bfloat16_only_where_native(tmp_path, trained, monkeyp
     trained.save(tmp_path, export_savedmodel=False)
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)  # the tests' env turns it off
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = "avx512_bf16" in cpu or "amx_bf16" in cpu
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    native = gpu or "avx512_bf16" in cpu or "amx_bf16" in cpu
     expected = "bfloat16" if native else "float32"
     assert SiameseEmbedder.load(tmp_path, precision="auto").precision == expected
     # without oneDNN kernels TensorFlow emulates bfloat16: never chosen automatically
