@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.settings import PRECISIONS
+
 
 def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -43,7 +45,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from flows.verify_pairs import verify_pairs
 
-    _print(verify_pairs(list_key=args.list_key, model_name=args.model))
+    _print(verify_pairs(list_key=args.list_key, model_name=args.model, precision=args.precision))
     return 0
 
 
@@ -147,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="run the verify_pairs flow on incoming/ lists")
     p.add_argument("--list-key", default=None, help="process only this key (incoming/...)")
     p.add_argument("--model", default="auto", help="model name, or auto = best in production")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="Siamese inference precision (default: FACEREID_INFERENCE_PRECISION, auto)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("drop", help="validate a local pair list and upload it to incoming/")
