@@ -96,7 +96,8 @@ def test_prefect_yaml_deploys_every_deployment_with_schedules(deployed: PrefectS
     # the run form: parameters documented in the schema the UI renders
     ingest_params = found["ingest-lfw"].parameter_openapi_schema["properties"]
     assert {"data_home", "download_if_missing"} <= set(ingest_params)
-    assert "list_key" in found["verify-pairs-nightly"].parameter_openapi_schema["properties"]
+    verify_params = found["verify-pairs-nightly"].parameter_openapi_schema["properties"]
+    assert {"list_key", "precision"} <= set(verify_params)
 
 
 def drop_event(list_key: str, **payload: str) -> Event:
