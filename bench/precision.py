@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     out, embeddings = {}, {}
     for precision in ("float32", "bfloat16"):
         timed = _Timed(SiameseEmbedder.load(model_dir, precision=precision))
+        dim = timed.model.embedding_dim
         res = score_view2_fold(timed, faces, row_of, pairs, args.fold)
         embeddings[precision] = timed.last
         out[precision] = {
@@ -89,9 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(json.dumps(summary, indent=1))
     if not (model_dir / MODEL_JSON).exists():  # servable by bench/verify.py --model-dir
-        model = SiameseEmbedder.load(model_dir)
         trained_by = {"trained_by": f"bench.accuracy {args.tag} fold {args.fold}"}
-        write_model_json(model_dir, "siamese", fp32["threshold"], model.embedding_dim, trained_by)
+        write_model_json(model_dir, "siamese", fp32["threshold"], dim, trained_by)
         print(f"wrote {model_dir / MODEL_JSON} (threshold fitted on the other folds' pairs)")
 
 

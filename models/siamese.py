@@ -34,7 +34,9 @@ from models.siamese_layers import CosFaceLogits, FlipHorizontal
 
 KERAS_FILE = "model.keras"
 SAVEDMODEL_DIR = "savedmodel/1"
-PRECISIONS = ("auto", "float32", "bfloat16")  # auto: bfloat16 where it is native
+# auto: bfloat16 where it is native. core.settings.PRECISIONS mirrors this (models/ imports
+# nothing from core/; a test keeps the two equal)
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass

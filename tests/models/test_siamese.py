@@ -149,3 +149,10 @@ def test_auto_precision_is_bfloat16_only_where_native(tmp_path, trained, monkeyp
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert not bfloat16_supported()
     assert SiameseEmbedder.load(tmp_path, precision="auto").precision == "float32"
+
+
+def test_settings_offer_the_precisions_the_model_accepts():
+    from core.settings import PRECISIONS as SETTINGS_PRECISIONS
+    from models.siamese import PRECISIONS
+
+    assert SETTINGS_PRECISIONS == PRECISIONS
