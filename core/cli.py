@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
     from core.cli_verify import drop_pair_list
     from core.storage import get_storage
 
-    key = drop_pair_list(get_storage(), Path(args.path), name=args.name)
+    key = drop_pair_list(get_storage(), Path(args.path), name=args.name, force=args.force)
     print(f"dropped {args.path} as {key}")
     return 0
 
@@ -107,10 +108,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     )
     print("[demo] 3/3 verify a dropped pair list")
-    key = "incoming/demo-view1-devtest.csv"
+    # a new name per demo: the ledger never verifies an unchanged list twice, and a re-run
+    # demo should verify with the model it just promoted
+    stem = f"demo/view1-devtest-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    key = f"incoming/{stem}.csv"
     storage.put_bytes(key, demo_pair_list(storage, args.pairs), "text/csv")
     _print(verify_pairs(list_key=key))
-    print(f"[demo] done: results under {storage.url_for('results/demo-view1-devtest/')}")
+    print(f"[demo] done: results under {storage.url_for(f'results/{stem}/')}")
     return 0
 
 
@@ -160,10 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drop", help="validate a local pair list and upload it to incoming/")
     p.add_argument("path", help="CSV or Parquet with image_a, image_b[, pair_id, label]")
     p.add_argument("--name", default=None, help="object name under incoming/ (default: file name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a list of that name even if no run has verified it yet",
+    )
     p.set_defaults(func=cmd_drop)
 
     p = sub.add_parser("results", help="download the latest results of a list")
-    p.add_argument("list_stem", help="list name without extension, e.g. my-pairs")
+    p.add_argument(
+        "list_stem",
+        help="list path under incoming/ without extension, e.g. my-pairs or team/my-pairs",
+    )
     p.add_argument("--dest", default=".", help="local directory to write into")
     p.set_defaults(func=cmd_results)
     return parser
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"facereid {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

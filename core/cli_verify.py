@@ -10,8 +10,9 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from core.ledger import INCOMING
+from core.ledger import INCOMING, is_processed
 from core.pairlists import PairListError, is_pair_list, list_format, validate_pair_list
+from core.storage import ObjectNotFound, valid_key
 
 
 def incoming_key(local_path: Path, name: str | None = None) -> str:
@@ -25,11 +26,15 @@ def incoming_key(local_path: Path, name: str | None = None) -> str:
     return INCOMING + name
 
 
-def drop_pair_list(storage: Any, local_path: Path | str, name: str | None = None) -> str:
+def drop_pair_list(
+    storage: Any, local_path: Path | str, name: str | None = None, force: bool = False
+) -> str:
     """Validate a local pair list, then upload it to ``incoming/<name>``; returns the key.
 
     Raises ValueError (PairListError) when the list cannot be parsed or named. Lists
     with some bad rows are uploaded: those rows get status ``invalid_row`` in the results.
+    Raises FileExistsError rather than replace a list under that name that no run has
+    verified yet (it would never be verified); ``force`` replaces it anyway.
     """
     local_path = Path(local_path)
     if not local_path.is_file():
@@ -38,6 +43,17 @@ def drop_pair_list(storage: Any, local_path: Path | str, name: str | None = None
     report = validate_pair_list(local_path, list_format(key))
     if report.rows == 0:
         raise PairListError(f"{local_path}: the list has a header but no rows")
+    if not force:
+        try:
+            current = storage.head(key)
+        except ObjectNotFound:
+            current = None
+        if current is not None and not is_processed(storage, key, current.etag):
+            raise FileExistsError(
+                f"{storage.url_for(key)} holds a list no run has verified yet; replacing it "
+                "means it is never verified. Wait for the next run, pick another name, or "
+                "pass --force."
+            )
     content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
     storage.put_bytes(key, local_path.read_bytes(), content_type)
     if report.invalid_rows:
@@ -49,10 +65,17 @@ def drop_pair_list(storage: Any, local_path: Path | str, name: str | None = None
 
 
 def latest_result_key(storage: Any, list_stem: str) -> str:
-    """Key of the newest ``results/<list_stem>/<run-id>.parquet``."""
-    if not list_stem or "/" in list_stem or list_stem in (".", ".."):
+    """Key of the newest ``results/<list_stem>/<run-id>.parquet`` (a list in a sub-folder
+    of ``incoming/`` keeps it: ``incoming/team/night.csv`` -> stem ``team/night``)."""
+    list_stem = list_stem.strip("/")
+    if not list_stem or not valid_key(list_stem) or list_stem == ".":
         raise ValueError(f"invalid list stem {list_stem!r}")
-    found = [i for i in storage.list(f"results/{list_stem}/") if i.key.endswith(".parquet")]
+    prefix = f"results/{list_stem}/"
+    found = [
+        i
+        for i in storage.list(prefix)
+        if i.key.endswith(".parquet") and "/" not in i.key[len(prefix) :]  # not a sub-list's
+    ]
     if not found:
         raise FileNotFoundError(f"no results for {list_stem!r} under {storage.url_for('results/')}")
     return max(found, key=lambda i: (i.last_modified, i.key)).key
@@ -67,7 +90,7 @@ def fetch_latest_results(storage: Any, list_stem: str, dest: Path | str) -> Path
     dest.mkdir(parents=True, exist_ok=True)
     key = latest_result_key(storage, list_stem)
     run_id = key.rsplit("/", 1)[-1].removesuffix(".parquet")
-    out = dest / f"{list_stem}-{run_id}.parquet"
+    out = dest / f"{list_stem.strip('/').replace('/', '_')}-{run_id}.parquet"
     out.write_bytes(storage.get_bytes(key))
     csv_key = key.removesuffix(".parquet") + ".csv"
     if storage.exists(csv_key):

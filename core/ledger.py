@@ -16,13 +16,16 @@ Layout::
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 from core.pairlists import is_pair_list
-from core.storage import ObjectInfo, ObjectNotFound
+from core.storage import ObjectInfo, ObjectNotFound, valid_key
+
+log = logging.getLogger(__name__)
 
 INCOMING = "incoming/"
 PROCESSED = "processed/"
@@ -30,6 +33,12 @@ ANNOUNCED = "events/announced/"
 REJECTED = "rejected/"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+class ListVersionGone(Exception):
+    """The listed version of a pair list was deleted or replaced before it was handled.
+
+    Not an error of the run: the next run sees whatever is under the key by then."""
 
 
 def _etag_part(etag: str) -> str:
@@ -72,8 +81,18 @@ def mark_announced(storage: Any, list_key: str, etag: str) -> bool:
 
 
 def incoming_lists(storage: Any, prefix: str = INCOMING) -> list[ObjectInfo]:
-    """Every pair list under ``incoming/``, oldest first (ties broken by key)."""
-    infos = [info for info in storage.list(prefix) if is_pair_list(info.key)]
+    """Every pair list under ``incoming/``, oldest first (ties broken by key).
+
+    A key no storage call accepts (``..`` or empty segments, which S3 allows) is skipped
+    with a warning, so one odd upload cannot stop every later run."""
+    infos = []
+    for info in storage.list(prefix):
+        if not is_pair_list(info.key):
+            continue
+        if not valid_key(info.key):
+            log.warning("skipping %r: not a valid object key (.. or empty segments)", info.key)
+            continue
+        infos.append(info)
     return sorted(infos, key=lambda i: (i.last_modified, i.key))
 
 
@@ -84,9 +103,21 @@ def pending_lists(storage: Any, prefix: str = INCOMING) -> Iterator[ObjectInfo]:
             yield info
 
 
-def rejected_key(list_key: str) -> str:
+def rejected_key(list_key: str, etag: str | None = None) -> str:
+    """``rejected/<name>``; with ``etag``, ``rejected/<name>.<etag>`` followed by the
+    list's own suffix (``night.csv`` -> ``night.<etag>.csv``), for a name taken already."""
     name = list_key[len(INCOMING) :] if list_key.startswith(INCOMING) else list_key
-    return f"{REJECTED}{name}"
+    if etag is None:
+        return f"{REJECTED}{name}"
+    stem, dot, suffix = name.rpartition(".")
+    return f"{REJECTED}{stem}.{_etag_part(etag)}.{suffix}" if dot else f"{REJECTED}{name}"
+
+
+def _rejected_report(storage: Any, dest: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.get_bytes(dest + ".error.json"))
+    except (ObjectNotFound, ValueError):
+        return None
 
 
 def reject_list(
@@ -95,9 +126,23 @@ def reject_list(
     """Move an unparseable list to ``rejected/<name>`` with ``<name>.error.json`` beside it.
 
     The report is written first and the original deleted last, so a crash leaves the list
-    in ``incoming/`` (it is rejected again next run) rather than losing it.
+    in ``incoming/`` (it is rejected again next run) rather than losing it. Only the version
+    ``info`` names is moved: if the key is gone or holds a new version, ListVersionGone
+    (a new upload is never deleted); an earlier rejected version is never overwritten.
     """
     dest = rejected_key(info.key)
+    earlier = _rejected_report(storage, dest)
+    if earlier is not None and earlier.get("etag") != info.etag:
+        dest = rejected_key(info.key, info.etag)
+    try:
+        current = storage.head(info.key).etag
+    except ObjectNotFound as exc:
+        report = _rejected_report(storage, dest)
+        if report is not None and report.get("etag") == info.etag:
+            return dest  # this version was moved already (a retried call)
+        raise ListVersionGone(f"{info.key} is gone; nothing to reject") from exc
+    if current != info.etag:
+        raise ListVersionGone(f"{info.key} holds a new version ({current}); left for next run")
     report = {
         "list_key": info.key,
         "etag": info.etag,
@@ -111,5 +156,6 @@ def reject_list(
     storage.put_bytes(
         dest + ".error.json", json.dumps(report, indent=2).encode(), "application/json"
     )
-    storage.delete(info.key)
+    if storage.head(info.key).etag == info.etag:  # not replaced while we copied
+        storage.delete(info.key)
     return dest

@@ -67,8 +67,11 @@ def is_pair_list(key: str) -> bool:
 
 
 def list_stem(key: str) -> str:
-    """``incoming/team/night_1.csv`` -> ``night_1`` (the results folder name)."""
-    name = key.rsplit("/", 1)[-1]
+    """The results folder of a list: its path under ``incoming/`` without the suffix.
+
+    ``incoming/night_1.csv`` -> ``night_1``; ``incoming/team/night_1.csv`` ->
+    ``team/night_1`` (so two teams' ``night_1.csv`` never share a results folder)."""
+    name = key[len("incoming/") :] if key.startswith("incoming/") else key.rsplit("/", 1)[-1]
     for suffix in LIST_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)] or "unnamed"

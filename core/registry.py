@@ -328,17 +328,74 @@ def promote_if_better(
     challenger's test pairs (the fair comparison), else the figure recorded in the
     pointer. The decision with both figures is written to
     ``models/<name>/<version>/promotion.json`` and returned.
+
+    The pointer is replaced by a conditional put on the ETag it was read at, so of two
+    concurrent promotions only one lands; the other decides again against the new
+    champion. A retry of a call whose pointer write landed returns that same decision.
     """
     metrics = get_metrics(storage, name, version)
     if gate_value is None:
         gate_value = gate_figure(metrics, gate_metric)
     when = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
-    current = get_production(storage, name)
+    for _attempt in range(5):
+        current, etag = _read_pointer(storage, name)
+        if current is not None and current["version"] == version:
+            earlier = _read_decision(storage, name, version)
+            if earlier is not None and earlier.get("promoted"):
+                return {**earlier, "pointer": current}  # a retry after the pointer landed
+        decision, pointer = _decide(
+            name, version, metrics, gate_metric, float(gate_value), current,
+            champion_value, champion_value_source, when,
+        )  # fmt: skip
+        _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
+        if pointer is None:
+            return decision
+        data = json.dumps(pointer, indent=2, sort_keys=True, allow_nan=True).encode()
+        if storage.put_if_match(pointer_key(name), data, etag):  # one atomic conditional put
+            decision["pointer"] = pointer
+            return decision
+        # another promotion landed since we read the pointer: decide again against it; a
+        # re-evaluated champion figure was for the old champion, so the recorded one is used
+        champion_value, champion_value_source = None, "recorded"
+    reason = f"the production pointer of {name!r} kept changing; not promoted"
+    decision.update(promoted=False, reason=reason)
+    _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
+    raise RegistryError(reason)
+
+
+def _read_pointer(storage: Storage, name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The pointer and the ETag it was read at (None, None before the first promotion)."""
+    try:
+        etag = storage.head(pointer_key(name)).etag
+    except ObjectNotFound:
+        return None, None
+    return get_production(storage, name), etag
+
+
+def _read_decision(storage: Storage, name: str, version: str) -> dict[str, Any] | None:
+    try:
+        return dict(_get_json(storage, version_prefix(name, version) + PROMOTION))
+    except (ObjectNotFound, RegistryError):
+        return None
+
+
+def _decide(
+    name: str,
+    version: str,
+    metrics: Mapping[str, Any],
+    gate_metric: str,
+    gate_value: float,
+    current: dict[str, Any] | None,
+    champion_value: float | None,
+    champion_value_source: str,
+    when: str,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The decision record, and the new pointer when the challenger wins."""
     decision: dict[str, Any] = {
         "name": name,
         "challenger_version": version,
         "gate_metric": gate_metric,
-        "challenger_value": float(gate_value),
+        "challenger_value": gate_value,
         "champion_version": current["version"] if current else None,
         "champion_recorded_value": current.get("gate_value") if current else None,
         "champion_value": None,
@@ -360,31 +417,28 @@ def promote_if_better(
             champion_value, champion_value_source = float(recorded), "recorded"
         decision["champion_value"] = float(champion_value)
         decision["champion_value_source"] = champion_value_source
-        promote = float(gate_value) > float(champion_value)
+        promote = gate_value > float(champion_value)
         relation = ">" if promote else "<="
         reason = (
             f"challenger {gate_metric} {gate_value:.4f} {relation} champion "
             f"{champion_value:.4f} ({champion_value_source})"
         )
     decision.update(promoted=promote, reason=reason)
-    _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
-    if promote:
-        pointer = {
-            "name": name,
-            "version": version,
-            "artifact_key": version_prefix(name, version) + ARTIFACT,
-            "threshold": _threshold_of(metrics),
-            "kind": (metrics.get("model") or {}).get("kind") or metrics.get("card", {}).get("kind"),
-            "gate_metric": gate_metric,
-            "gate_value": float(gate_value),
-            "data_version": metrics.get("card", {}).get("data_version")
-            or metrics.get("data_version"),
-            "promoted_at": when,
-            "previous_version": current["version"] if current else None,
-        }
-        _put_json(storage, pointer_key(name), pointer)  # one atomic put
-        decision["pointer"] = pointer
-    return decision
+    if not promote:
+        return decision, None
+    pointer = {
+        "name": name,
+        "version": version,
+        "artifact_key": version_prefix(name, version) + ARTIFACT,
+        "threshold": _threshold_of(metrics),
+        "kind": (metrics.get("model") or {}).get("kind") or metrics.get("card", {}).get("kind"),
+        "gate_metric": gate_metric,
+        "gate_value": gate_value,
+        "data_version": metrics.get("card", {}).get("data_version") or metrics.get("data_version"),
+        "promoted_at": when,
+        "previous_version": current["version"] if current else None,
+    }
+    return decision, pointer
 
 
 # ---------------------------------------------------------------- loading

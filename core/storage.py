@@ -9,9 +9,12 @@ filesystem layer; s3fs trips over the empty "directory" objects pyarrow writes).
 from __future__ import annotations
 
 import builtins
+import errno
+import hashlib
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +36,15 @@ class ObjectNotFound(StorageError, KeyError):
     """The requested key does not exist."""
 
 
+class ObjectTooLarge(StorageError):
+    """The object is bigger than the caller's ``max_bytes`` (it was not read in full)."""
+
+    def __init__(self, url: str, size: int | None, max_bytes: int):
+        shown = f"{size} bytes" if size is not None else "more bytes"
+        super().__init__(f"{url} is {shown}, over the {max_bytes}-byte limit")
+        self.size, self.max_bytes = size, max_bytes
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -41,8 +53,14 @@ class ObjectInfo:
     last_modified: datetime
 
 
+def valid_key(key: str) -> bool:
+    """No leading '/', no '..' and no empty segments: the same key on disk and on S3."""
+    parts = key.split("/")
+    return bool(key) and ".." not in parts and "" not in parts[:-1]
+
+
 def _check_key(key: str) -> str:
-    if not key or key.startswith("/") or ".." in key.split("/"):
+    if not valid_key(key):
         raise ValueError(f"invalid object key {key!r}")
     return key
 
@@ -50,9 +68,11 @@ def _check_key(key: str) -> str:
 class Storage(Protocol):
     uri: str
 
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
+    def put_file(self, key: str, local: Path, content_type: str | None = None) -> None: ...
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool: ...
     def exists(self, key: str) -> bool: ...
     def head(self, key: str) -> ObjectInfo: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
@@ -73,7 +93,7 @@ class _ParquetMixin:
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         raise NotImplementedError  # pragma: no cover
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         raise NotImplementedError  # pragma: no cover
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs: Any) -> None:
@@ -112,11 +132,31 @@ class LocalStorage(_ParquetMixin):
     def url_for(self, key: str) -> str:
         return f"file://{self._path(key)}"
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ``max_bytes`` refuses a bigger one before reading it."""
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError) as exc:
-            raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
+            with open(path, "rb") as fh:
+                if max_bytes is not None:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size > max_bytes:
+                        raise ObjectTooLarge(self.url_for(key), size, max_bytes)
+                return fh.read()
+        except OSError as exc:
+            raise _local_error(exc, self.url_for(key)) from exc
+
+    def put_file(self, key: str, local: Path, content_type: str | None = None) -> None:
+        """Copy a finished local file next to the target, then rename (atomic publish)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
@@ -144,6 +184,26 @@ class LocalStorage(_ParquetMixin):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        """Compare-and-swap: replace ``key`` only while its ETag is ``etag`` (None: only
+        while it does not exist). A lock file serialises the writers that use this."""
+        import fcntl
+
+        if etag is None:
+            return self.put_if_absent(key, data)
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".tmp-lock-{path.name}", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.head(key).etag
+            except ObjectNotFound:
+                return False
+            if current != etag:
+                return False
+            self.put_bytes(key, data)
+            return True
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -151,11 +211,12 @@ class LocalStorage(_ParquetMixin):
         path = self._path(key)
         try:
             st = path.stat()
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
-        return ObjectInfo(
-            key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
-        )
+            if not path.is_file():
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            etag = _local_etag(path, st)
+        except OSError as exc:
+            raise _local_error(exc, self.url_for(key)) from exc
+        return ObjectInfo(key, st.st_size, etag, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Objects under ``prefix`` in lexicographic key order, like S3's ListObjectsV2."""
@@ -175,11 +236,10 @@ class LocalStorage(_ParquetMixin):
         for key, full in sorted(found):
             try:
                 st = full.stat()
+                etag = _local_etag(full, st)
             except FileNotFoundError:  # deleted since the walk
                 continue
-            yield ObjectInfo(
-                key, st.st_size, _local_etag(st), datetime.fromtimestamp(st.st_mtime, UTC)
-            )
+            yield ObjectInfo(key, st.st_size, etag, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def copy(self, src: str, dst: str) -> None:
         self.put_bytes(dst, self.get_bytes(src))
@@ -191,8 +251,38 @@ class LocalStorage(_ParquetMixin):
         return pafs.LocalFileSystem(), str(self.root)
 
 
-def _local_etag(st: os.stat_result) -> str:
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+# Up to this size a local ETag is the content's MD5, as S3's is for a single-part upload:
+# an edit is seen even when it keeps the size and mtime (cp -p, rsync -t), and re-writing
+# the same bytes is no change. Bigger files fall back to size, mtime and inode.
+LOCAL_ETAG_HASH_LIMIT = 16 * 1024 * 1024
+
+
+def _local_etag(path: Path, st: os.stat_result) -> str:
+    if st.st_size <= LOCAL_ETAG_HASH_LIMIT:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+
+
+def _local_error(exc: OSError, url: str) -> StorageError:
+    """A missing file, or a path that cannot name one (through a file, a name too long),
+    is ObjectNotFound, as the same key would be on S3; anything else is a StorageError."""
+    missing = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
+    if exc.errno in missing:
+        return ObjectNotFound(f"{url} does not exist")
+    return StorageError(f"cannot read {url}: {exc}")
+
+
+def _range_total(content_range: str | None, length: int) -> int:
+    """Total object size from a ``bytes 0-N/TOTAL`` Content-Range (no header: whole body)."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return int(length)
 
 
 class S3Storage(_ParquetMixin):
@@ -251,9 +341,38 @@ class S3Storage(_ParquetMixin):
             )
         return StorageError(f"S3 failure on {self.url_for(key)} via {self.endpoint_url}: {exc}")
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes`` only that many (+1) are ever transferred:
+        a ranged GET, so an oversized object is refused without downloading it."""
+        from botocore.exceptions import ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if max_bytes is not None:
+            kwargs["Range"] = f"bytes=0-{max_bytes}"
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            r = self.client.get_object(**kwargs)
+            if max_bytes is not None:
+                total = _range_total(r.get("ContentRange"), r.get("ContentLength", 0))
+                if total > max_bytes:
+                    r["Body"].close()
+                    raise ObjectTooLarge(self.url_for(key), total, max_bytes)
+            return r["Body"].read()
+        except ObjectTooLarge:
+            raise
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if max_bytes is not None and code == "InvalidRange":  # an empty object
+                return b""
+            raise self._wrap(exc, key) from exc
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def put_file(self, key: str, local: Path, content_type: str | None = None) -> None:
+        """boto3's managed upload (multipart for big files): the object only appears when
+        the upload completes, so there is never a partial object under ``key``."""
+        extra = {"ContentType": content_type} if content_type else {}
+        try:
+            self.client.upload_file(str(local), self.bucket, self._key(key), ExtraArgs=extra)
         except Exception as exc:
             raise self._wrap(exc, key) from exc
 
@@ -275,6 +394,26 @@ class S3Storage(_ParquetMixin):
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise self._wrap(exc, key) from exc
+        except Exception as exc:
+            raise self._wrap(exc, key) from exc
+
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+        """Compare-and-swap via S3's conditional write (``If-Match``); None: only while
+        ``key`` does not exist. False when another writer got there first."""
+        from botocore.exceptions import ClientError
+
+        if etag is None:
+            return self.put_if_absent(key, data)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=f'"{etag}"'
+            )
+            return True
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "NoSuchKey"):
                 return False
             raise self._wrap(exc, key) from exc
         except Exception as exc:

@@ -10,9 +10,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from core.ledger import ListVersionGone
 from core.pairlists import PairListError
 from core.settings import PRECISIONS, get_settings
-from core.storage import ObjectNotFound, storage_from_uri
+from core.storage import storage_from_uri
 from tasks.verify import (
     check_list_key,
     find_pending_lists,
@@ -83,6 +84,10 @@ def verify_pairs(
         precision=precision,
     )
     threshold = float(pointer["threshold"])
+    # what actually computes the embeddings: PCA has one precision; the sagemaker backend
+    # serves the float32 SavedModel; the local Siamese resolves "auto" on this machine
+    served = getattr(getattr(embedder, "model", None), "precision", None)
+    effective_precision = "float32" if backend == "sagemaker" else (served or "float32")
     logger.info(
         "%d list(s) to verify with %s %s (threshold %.4f, backend %s, precision %s)",
         len(pending),
@@ -90,7 +95,7 @@ def verify_pairs(
         pointer["version"],
         threshold,
         backend,
-        getattr(getattr(embedder, "model", None), "precision", "float32"),
+        effective_precision,
     )
     if backend == "sagemaker":
         from tasks.backends.sagemaker_transform import sagemaker_embed_unique
@@ -117,21 +122,27 @@ def verify_pairs(
             )
         except PairListError as exc:
             logger.warning("rejecting %s: %s", info.key, exc)
+            try:
+                rejected_key = reject_pair_list(storage, info, str(exc))
+            except ListVersionGone as gone:  # another run moved it, or a new version came
+                logger.warning("%s not rejected: %s", info.key, gone)
+                continue
+            except Exception as rexc:
+                logger.error("rejecting %s failed: %s", info.key, rexc)
+                out["failed"].append({"list_key": info.key, "error": f"reject: {rexc}"})
+                continue
             out["rejected"].append(
-                {
-                    "list_key": info.key,
-                    "rejected_key": reject_pair_list(storage, info, str(exc)),
-                    "error": str(exc),
-                }
+                {"list_key": info.key, "rejected_key": rejected_key, "error": str(exc)}
             )
             continue
-        except ObjectNotFound as exc:
-            logger.warning("%s disappeared before it was read: %s", info.key, exc)
+        except ListVersionGone as exc:
+            logger.warning("skipping %s: %s", info.key, exc)
             continue
         except Exception as exc:
             logger.error("verifying %s failed: %s", info.key, exc)
             out["failed"].append({"list_key": info.key, "error": f"{type(exc).__name__}: {exc}"})
             continue
+        entry["precision"] = effective_precision  # the ledger says how the scores were made
         try:
             record_in_ledger_task(storage, job, entry)
         except Exception as exc:

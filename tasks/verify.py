@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections import Counter, deque
@@ -40,9 +39,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.image_refs import ImageRef, RefResolver
-from core.ledger import record_processed, reject_list
+from core.ledger import ListVersionGone, record_processed, reject_list
 from core.pairlists import NO_LABEL, PairChunk, iter_pair_chunks, list_format, list_stem
-from core.storage import ObjectInfo, ObjectNotFound, StorageError
+from core.storage import ObjectInfo, ObjectNotFound, ObjectTooLarge, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -167,37 +166,26 @@ def download_to(storage: Any, key: str, dest: Path, chunk: int = 8 << 20) -> Pat
     return dest
 
 
-def publish_file(storage: Any, key: str, local: Path, content_type: str) -> None:
-    """Upload a finished local file under ``key`` in one atomic publish.
+def download_list_version(storage: Any, info: ObjectInfo, dest: Path) -> Path:
+    """Download the list version ``info`` names, or raise ListVersionGone.
 
-    S3: boto3's managed upload (multipart for big files; an S3 object only appears when
-    the upload completes). Local: copy next to the target, then rename.
-    """
-    client = getattr(storage, "client", None)
-    if client is not None:
-        from urllib.parse import urlparse
-
-        url = urlparse(storage.url_for(key))
-        try:
-            client.upload_file(
-                str(local),
-                url.netloc,
-                url.path.lstrip("/"),
-                ExtraArgs={"ContentType": content_type},
-            )
-        except Exception as exc:
-            raise StorageError(f"cannot upload {storage.url_for(key)}: {exc}") from exc
-        return
-    target = Path(storage.url_for(key)[len("file://") :])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    os.close(fd)
+    The ETag is checked again after the download, so results and the ledger entry are
+    never recorded under one version's ETag for another version's content."""
     try:
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        local = download_to(storage, info.key, dest)
+        now = storage.head(info.key)
+    except ObjectNotFound as exc:
+        raise ListVersionGone(f"{info.key} was deleted before it was read") from exc
+    if now.etag != info.etag:
+        raise ListVersionGone(
+            f"{info.key} was replaced while it was read (ETag {info.etag} -> {now.etag})"
+        )
+    return local
+
+
+def publish_file(storage: Any, key: str, local: Path, content_type: str) -> None:
+    """Upload a finished local file under ``key`` in one atomic publish (see put_file)."""
+    storage.put_file(key, local, content_type)
 
 
 @dataclass
@@ -266,12 +254,15 @@ class EmbeddingTable:
 FaceOrError = tuple[str, np.ndarray | None, str, str]  # (cache_id, face, status, error)
 
 
-def fetch_image_bytes(storage: Any, key: str, attempts: int = 3) -> bytes:
-    """Get one object, retrying transient storage errors (never a missing object)."""
+def fetch_image_bytes(
+    storage: Any, key: str, attempts: int = 3, max_bytes: int | None = None
+) -> bytes:
+    """Get one object, retrying transient storage errors (never a missing or oversized
+    object). ``max_bytes``: refuse a bigger object without downloading it."""
     for attempt in range(attempts):
         try:
-            return storage.get_bytes(key)
-        except ObjectNotFound:
+            return storage.get_bytes(key, max_bytes=max_bytes)
+        except (ObjectNotFound, ObjectTooLarge):
             raise
         except StorageError:
             if attempt == attempts - 1:
@@ -282,13 +273,15 @@ def fetch_image_bytes(storage: Any, key: str, attempts: int = 3) -> bytes:
 
 def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
     """Fetch + preprocess one image; every failure becomes a status, never an exception."""
-    from models.preprocessing import ImageError, preprocess_image
+    from models.preprocessing import DEFAULT_PARAMS, ImageError, preprocess_image
 
     try:
-        data = fetch_image_bytes(storage, ref.target)
+        data = fetch_image_bytes(storage, ref.target, max_bytes=DEFAULT_PARAMS.max_bytes)
     except ObjectNotFound:
         return ref.cache_id, None, "missing_image", f"{ref.raw}: no such object"
-    except StorageError as exc:
+    except ObjectTooLarge as exc:
+        return ref.cache_id, None, "unreadable_image", f"{ref.raw}: {exc}"
+    except Exception as exc:  # StorageError after retries, or anything unforeseen
         return ref.cache_id, None, "missing_image", f"{ref.raw}: could not fetch: {exc}"
     try:
         face = preprocess_image(data, detect=detect)  # type: ignore[arg-type]
@@ -685,7 +678,7 @@ def verify_list(
     """
     start = time.perf_counter()
     fmt = list_format(job.info.key)
-    local = download_to(storage, job.info.key, work_dir / f"list.{fmt}")
+    local = download_list_version(storage, job.info, work_dir / f"list.{fmt}")
     resolver = RefResolver(storage, list(allowed_prefixes))
     progress = Progress(f"verifying {job.info.key}")
     scan = scan_pair_list(local, fmt, resolver, job.info.key)
@@ -741,7 +734,13 @@ def find_pending_lists(storage: Any, list_key: str | None = None) -> list[Object
     from core.ledger import is_processed, pending_lists
 
     if list_key:
-        info = storage.head(check_list_key(list_key))
+        try:
+            info = storage.head(check_list_key(list_key))
+        except ObjectNotFound:  # e.g. another run rejected it after the event was sent
+            from prefect import get_run_logger
+
+            get_run_logger().warning("%s is no longer there: nothing to verify", list_key)
+            return []
         return [] if is_processed(storage, info.key, info.etag) else [info]
     return list(pending_lists(storage))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlparse
 
 import boto3
 
@@ -108,11 +107,13 @@ def image_uri(model: str, region: str, instance_type: str, scope: str = "trainin
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``. Split by hand, not by urlparse: a key
+    may hold ``#`` or ``?``, which a URL parser would take for a fragment or a query."""
+    scheme, sep, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if scheme != "s3" or not sep or not bucket:
         raise ValueError(f"not an S3 URI: {uri!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 def require_s3_storage(storage: Any) -> Any:

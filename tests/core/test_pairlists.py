@@ -109,7 +109,8 @@ def test_parquet_lists(tmp_path):
 
 
 def test_names():
-    assert list_stem("incoming/team/night_1.csv") == "night_1"
+    assert list_stem("incoming/team/night_1.csv") == "team/night_1"
+    assert list_stem("incoming/night_1.csv") == "night_1"
     assert list_stem("incoming/x.PARQUET") == "x"
     assert is_pair_list("incoming/a.csv") and not is_pair_list("incoming/a.jpg")
     assert not is_pair_list("incoming/.tmp.csv")

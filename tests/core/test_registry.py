@@ -224,3 +224,40 @@ def test_roc_plot_of_several_curves_is_a_png() -> None:
         {"a": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1]}, "b": {"fpr": [0, 1], "tpr": [0, 1]}}
     )
     assert png.startswith(b"\x89PNG")
+
+
+def test_promotion_is_a_compare_and_swap(any_storage, tmp_path: Path, monkeypatch) -> None:
+    """Two challengers that both read the old champion: only a real winner stands."""
+    storage = any_storage
+    champ_dir, champ = make_model_dir(tmp_path / "champ", 0.70, seed=1)
+    v1 = registry.register_version(storage, "pca", champ_dir, champ, CARD, now=T0)
+    registry.promote_if_better(storage, "pca", v1)
+    a_dir, a = make_model_dir(tmp_path / "a", 0.90, seed=2)
+    va = registry.register_version(storage, "pca", a_dir, a, CARD, now=T0)
+    b_dir, b = make_model_dir(tmp_path / "b", 0.80, seed=3)
+    vb = registry.register_version(storage, "pca", b_dir, b, CARD, now=T0)
+
+    # b read the pointer (champion 0.70) before a's promotion landed
+    stale_etag = storage.head(registry.pointer_key("pca")).etag
+    assert registry.promote_if_better(storage, "pca", va)["promoted"]
+    assert not storage.put_if_match(registry.pointer_key("pca"), b"{}", stale_etag)
+    real_read_pointer = registry._read_pointer
+    reads = []
+
+    def first_read_is_stale(storage_, name):
+        reads.append(name)
+        pointer, etag = real_read_pointer(storage_, name)
+        if len(reads) == 1:
+            return {**pointer, "version": v1, "gate_value": 0.70}, stale_etag
+        return pointer, etag
+
+    monkeypatch.setattr(registry, "_read_pointer", first_read_is_stale)
+    d = registry.promote_if_better(storage, "pca", vb)
+    monkeypatch.undo()
+    assert len(reads) == 2  # the conditional put failed, so it decided again
+    assert not d["promoted"] and d["champion_version"] == va and d["champion_value"] == 0.90
+    assert registry.get_production(storage, "pca")["version"] == va
+
+    # a retried call after its pointer write landed reports the same promotion
+    again = registry.promote_if_better(storage, "pca", va)
+    assert again["promoted"] and again["pointer"]["version"] == va

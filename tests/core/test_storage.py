@@ -7,7 +7,14 @@ import threading
 import pyarrow as pa
 import pytest
 
-from core.storage import LocalStorage, ObjectNotFound, S3Storage, StorageError, storage_from_uri
+from core.storage import (
+    LocalStorage,
+    ObjectNotFound,
+    ObjectTooLarge,
+    S3Storage,
+    StorageError,
+    storage_from_uri,
+)
 from tests.conftest import free_port
 
 
@@ -86,7 +93,7 @@ def test_parquet_round_trip_key_and_prefix(any_storage):
 
 
 def test_invalid_keys_are_rejected(any_storage):
-    for key in ("", "/abs", "a/../b"):
+    for key in ("", "/abs", "a/../b", "a//b"):
         with pytest.raises(ValueError):
             any_storage.put_bytes(key, b"")
 
@@ -111,3 +118,55 @@ def test_unreachable_endpoint_error_names_it():
         s.get_bytes("k")
     with pytest.raises(StorageError, match="127.0.0.1"):
         list(s.list("datasets/"))
+
+
+def test_get_bytes_max_bytes_refuses_bigger_objects_without_reading_them(any_storage):
+    s = any_storage
+    s.put_bytes("img/big.bin", b"x" * 1001)
+    s.put_bytes("img/fits.bin", b"y" * 1000)
+    s.put_bytes("img/empty.bin", b"")
+    with pytest.raises(ObjectTooLarge, match="1001 bytes, over the 1000-byte limit") as info:
+        s.get_bytes("img/big.bin", max_bytes=1000)
+    assert info.value.size == 1001
+    assert s.get_bytes("img/fits.bin", max_bytes=1000) == b"y" * 1000
+    assert s.get_bytes("img/empty.bin", max_bytes=1000) == b""
+    with pytest.raises(ObjectNotFound):
+        s.get_bytes("img/none.bin", max_bytes=1000)
+
+
+@pytest.mark.parametrize("name", ["night#1", "what?x=1", "späti & co"])
+def test_put_file_publishes_under_the_exact_key(any_storage, tmp_path, name):
+    """A key holding URL syntax (#, ?) or unicode lands where it is named, nowhere else."""
+    local = tmp_path / "f.csv"
+    local.write_bytes(b"a,b\n")
+    key = f"results/{name}/run.csv"
+    any_storage.put_file(key, local, "text/csv")
+    assert [o.key for o in any_storage.list("results/")] == [key]
+    assert any_storage.get_bytes(key) == b"a,b\n"
+
+
+def test_local_paths_that_cannot_name_a_file_are_not_found(local_storage):
+    s = local_storage
+    s.put_bytes("images/a.jpg", b"jpeg")
+    for key in ("images/a.jpg/b.jpg", "images/" + "n" * 300 + ".jpg", "images"):
+        with pytest.raises(ObjectNotFound):
+            s.get_bytes(key)
+        with pytest.raises(ObjectNotFound):
+            s.head(key)
+
+
+def test_local_etag_follows_content_like_s3(local_storage):
+    """Same-size edit with the mtime kept (cp -p) is a new version; same bytes are not."""
+    import os
+
+    s = local_storage
+    s.put_bytes("incoming/l.csv", b"a,b\n1,2\n")
+    path = s.root / "incoming/l.csv"
+    before, st = s.head("incoming/l.csv").etag, path.stat()
+    path.write_bytes(b"a,b\n3,4\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    edited = s.head("incoming/l.csv").etag
+    assert edited != before
+    s.put_bytes("incoming/l.csv", b"a,b\n3,4\n")  # re-written, same bytes
+    assert s.head("incoming/l.csv").etag == edited
+    assert [o.etag for o in s.list("incoming/")] == [edited]

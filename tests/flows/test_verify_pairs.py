@@ -187,6 +187,10 @@ def test_verify_end_to_end_twice(world):
         ),
     )
     storage.put_bytes("incoming/readme.txt", b"not a list: ignored")
+    storage.put_bytes(  # URL syntax in the name: the results key must still be exact
+        "incoming/night#1?.csv",
+        _csv([["pair_id", "image_a", "image_b"], ["n", "images/p3_0.jpg", "images/p3_1.jpg"]]),
+    )
 
     first = _run()
     processed = {p["list_key"]: p for p in first["processed"]}
@@ -195,7 +199,12 @@ def test_verify_end_to_end_twice(world):
         "incoming/team/labelled.parquet",
         "incoming/bad_rows.csv",
         "incoming/other_bucket.csv",
+        "incoming/night#1?.csv",
     }
+    night = processed["incoming/night#1?.csv"]
+    assert night["result_key"] == f"results/night#1?/{night['run_id']}.parquet"
+    _, table = _results(storage, "night#1?")
+    assert table.column("status").to_pylist() == ["ok"]
     assert [r["list_key"] for r in first["rejected"]] == ["incoming/unparseable.csv"]
 
     # good list: every row ok, same person scores above different person
@@ -220,7 +229,7 @@ def test_verify_end_to_end_twice(world):
     assert len(csv_text.strip().splitlines()) == 1 + 5
 
     # labelled list: accuracy, AUC and the confusion matrix
-    _, table = _results(storage, "labelled")
+    _, table = _results(storage, "team/labelled")  # a sub-folder keeps its own results
     assert table.num_rows == 2 * N_PEOPLE and table.column("label").to_pylist()[0] == 1
     metrics = processed["incoming/team/labelled.parquet"]["metrics"]
     cm = metrics["confusion_matrix"]
@@ -274,6 +283,7 @@ def test_verify_end_to_end_twice(world):
         if info.key.endswith(".csv") or info.key.endswith(".parquet"):
             entry = read_entry(storage, info.key, info.etag)
             assert entry and entry["result_key"] == processed[info.key]["result_key"]
+            assert entry["precision"] == "float32" and entry["backend"] == "local"
 
     # second run: nothing to do, nothing written
     before = sorted(i.key for i in storage.list("results/"))
@@ -339,14 +349,22 @@ def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir
     for image in range(2):
         storage.put_bytes(f"uploads/a{image}.jpg", _face_bytes(3, image))
     body = _csv([["image_a", "image_b"], ["uploads/a0.jpg", "uploads/a1.jpg"]])
+    storage.put_bytes("uploads/huge.jpg", b"\xff" * (20 * 1024 * 1024 + 1))  # > max_bytes
     storage.put_bytes("incoming/one.csv", body)
-    storage.put_bytes("incoming/two.csv", body)
+    storage.put_bytes(
+        "incoming/two.csv",
+        body
+        + b"uploads/a0.jpg/x.jpg,uploads/a1.jpg\n"  # a path through a file: not a crash
+        + b"uploads/huge.jpg,uploads/a1.jpg\n",
+    )
     out = _run(list_key="incoming/two.csv", max_concurrency=2, batch_size=1)
     assert [p["list_key"] for p in out["processed"]] == ["incoming/two.csv"]
     _, table = _results(storage, "two")
-    assert table.column("pair_id").to_pylist() == ["0"]
-    assert table.column("status").to_pylist() == ["ok"]
+    assert table.column("pair_id").to_pylist() == ["0", "1", "2"]
+    assert table.column("status").to_pylist() == ["ok", "missing_image", "unreadable_image"]
+    assert "over the 20971520-byte limit" in table.column("error").to_pylist()[2]
     assert _run(list_key="incoming/two.csv")["processed"] == []
+    assert _run(list_key="incoming/gone.csv")["processed"] == []  # deleted/rejected meanwhile
     with pytest.raises(ValueError, match="under incoming/"):
         _run(list_key="models/pca/production.json")
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -410,14 +428,24 @@ def test_drop_poll_verify_fetch(local_storage, settings_env, pca_model_dir, tmp_
 
     out = _run(list_key=key)
     assert out["processed"][0]["metrics"]["accuracy"] == 1.0
-    local = fetch_latest_results(storage, "nightly", tmp_path / "dl")
+    local = fetch_latest_results(storage, "team/nightly", tmp_path / "dl")
     rows = pq.read_table(local).to_pylist()
     assert [(r["pair_id"], r["status"], r["same_person"]) for r in rows] == [("q1", "ok", True)]
     assert local.with_suffix(".csv").read_text().count("\n") == 2
 
+    assert local.name.startswith("team_nightly-")
+    with pytest.raises(FileNotFoundError, match="no results"):
+        fetch_latest_results(storage, "team", tmp_path / "dl")  # not the sub-list's results
+
     good.write_text("pair_id,image_a,image_b\nq2,uploads/b1.jpg,uploads/b0.jpg\n")
     drop_pair_list(storage, good, name="team/nightly.csv")  # an edit: a new version
     assert [a["list_key"] for a in poll_incoming()["announced"]] == [key]
+    good.write_text("pair_id,image_a,image_b\nq3,uploads/b0.jpg,uploads/b0.jpg\n")
+    with pytest.raises(FileExistsError, match="no run has verified yet"):
+        drop_pair_list(storage, good, name="team/nightly.csv")  # q2 would be lost
+    assert b"q2" in storage.get_bytes(key)
+    drop_pair_list(storage, good, name="team/nightly.csv", force=True)
+    assert b"q3" in storage.get_bytes(key)
 
 
 @pytest.mark.real_lfw
