@@ -180,12 +180,33 @@ def preprocess_image(
     is_lfw = img.size == (params.lfw_size, params.lfw_size)
     if detect == "never" or (detect == "auto" and is_lfw):
         return normalise(_lfw_crop(img, params))
-    _load(img)
-    gray = np.asarray(img.convert("L"))
+    size = img.size
+    gray = _detection_gray(img)
     box = detect_face_box(gray)
     if box is None:
-        raise NoFaceFound(f"no face found in a {img.size[0]}x{img.size[1]} image")
+        raise NoFaceFound(f"no face found in a {size[0]}x{size[1]} image")
     return normalise(crop_face(gray, box, params))
+
+
+# Photos are searched for a face at most this big (longest side): a 40 Mpx photo would
+# cost ~200 MB and seconds of Haar cascade per image at full size, and the model's input
+# is 68x56 anyway. A face must still span >= 24 px of the reduced image to be found.
+DETECT_MAX_SIDE = 2048
+
+
+def _detection_gray(img: Image.Image) -> np.ndarray:
+    """Grayscale pixels of a photo, reduced to DETECT_MAX_SIDE; big JPEGs are decoded at
+    1/2 to 1/8 scale directly (libjpeg's DCT scaling), never at full size."""
+    w, h = img.size
+    scale = min(1.0, DETECT_MAX_SIDE / max(w, h))
+    target = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if scale < 1.0 and img.format == "JPEG":
+        img.draft("L", target)  # picks the smallest DCT scale still >= target
+    _load(img)
+    gray = img.convert("L")
+    if max(gray.size) > DETECT_MAX_SIDE:
+        gray = gray.resize(target, Image.Resampling.BILINEAR)
+    return np.asarray(gray)
 
 
 def flip_horizontal(faces: np.ndarray) -> np.ndarray:

@@ -82,3 +82,24 @@ def test_detection_in_threads_matches_serial_results():
     with ThreadPoolExecutor(8) as pool:
         threaded = list(pool.map(outcome, photos * 4))
     assert threaded == serial * 4
+
+
+def test_a_big_photo_is_searched_at_reduced_size_with_the_same_result():
+    """A 20 Mpx photo is decoded and searched at <= 2048 px, and gives the crop the same
+    composition gives at a small size."""
+    from models.preprocessing import DETECT_MAX_SIDE, _detection_gray
+
+    face = Image.open(io.BytesIO(fake_face_jpeg(3, 1)))
+
+    def photo(scale: int) -> bytes:
+        canvas = Image.new("RGB", (500 * scale, 400 * scale), (120, 110, 100))
+        canvas.paste(face.resize((250 * scale, 250 * scale)), (100 * scale, 60 * scale))
+        return _jpeg(canvas)
+
+    big, small = photo(10), photo(1)  # 5000x4000 vs 500x400
+    gray = _detection_gray(Image.open(io.BytesIO(big)))
+    assert max(gray.shape) <= DETECT_MAX_SIDE
+    assert gray.shape[0] / gray.shape[1] == pytest.approx(0.8, abs=0.01)
+    a, b = preprocess_image(big), preprocess_image(small)
+    assert a.shape == b.shape == DEFAULT_PARAMS.shape
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
