@@ -7,6 +7,8 @@ written as JSON as soon as it finishes and reused on the next run (resumable).
     nice .venv/bin/python -m bench.accuracy --models pca
     nice .venv/bin/python -m bench.accuracy --models siamese --folds 0 --max-train-seconds 1200
     nice .venv/bin/python -m bench.accuracy --models pca,siamese --view1
+    nice .venv/bin/python -m bench.accuracy --models siamese --folds 3 --seeds 0,1 \
+        --epochs 30 --max-train-seconds 1200      # a seed ensemble (probe, see --seeds)
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ if str(ROOT) not in sys.path:
 from models.evaluation import (  # noqa: E402
     PairTable,
     TrainFn,
+    l2_normalise,
     run_view1,
     run_view2_fold,
+    score_view2_fold,
     summarise_folds,
 )
 from models.preprocessing import DEFAULT_PARAMS, preprocess_image  # noqa: E402
@@ -193,6 +197,79 @@ def _saving(train_fn: TrainFn, model_dir: Path) -> TrainFn:
     return train
 
 
+# ---------------------------------------------------------------- seed ensembles (probe)
+
+
+class SeedEnsemble:
+    """Members' L2-normalised embeddings side by side, renormalised: the cosine score is
+    the mean of the members' cosines. A benchmark probe; production serves one network."""
+
+    def __init__(self, members: list):
+        self.members = members
+
+    def embed(self, faces: np.ndarray) -> np.ndarray:
+        return l2_normalise(np.concatenate([m.embed(faces) for m in self.members], axis=1))
+
+
+def _with_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` for one member; the default seed keeps the plain tag, so the models that
+    ``--save-models`` kept in the single-model folders are reused."""
+    from models.siamese import SiameseConfig
+
+    cfg = json.loads(args.siamese_config or "{}")
+    if seed == SiameseConfig().seed:
+        cfg.pop("seed", None)
+    else:
+        cfg["seed"] = seed
+    config = json.dumps(cfg, separators=(",", ":")) if cfg else ""
+    return argparse.Namespace(**{**vars(args), "siamese_config": config})
+
+
+def seed_ensemble_fold(
+    args: argparse.Namespace,
+    out: Path,
+    faces: np.ndarray,
+    ids: list[str],
+    people_fold: dict[str, int],
+    pairs: PairTable,
+    fold: int,
+) -> dict:
+    """Fold ``fold`` scored by the seed ensemble: each member is loaded from its
+    single-model folder (``fold<k>_model``) or from ``out`` when kept, else trained (as in
+    the single-model protocol) and kept in ``out/seed<s>_fold<k>_model``."""
+    from models.siamese import SiameseEmbedder
+
+    members, member_acc, train_seconds = [], {}, 0.0
+    for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+        margs = _with_seed(args, seed)
+        kept = args.out_dir / _config_tag("siamese", margs) / f"fold{fold}_model"
+        own = out / f"seed{seed}_fold{fold}_model"
+        model_dir = kept if (kept / "model.keras").exists() else own
+        member_json = model_dir.parent / (
+            f"fold{fold}.json" if model_dir == kept else f"seed{seed}_fold{fold}.json"
+        )
+        if not (model_dir / "model.keras").exists():
+            res = run_view2_fold(
+                _saving(siamese_train_fn(margs), model_dir), faces, ids, people_fold, pairs,
+                fold, log=lambda m: print(m, flush=True),
+            )  # fmt: skip
+            _write_json(member_json, res)
+        members.append(SiameseEmbedder.load(model_dir))
+        if member_json.exists():
+            member = json.loads(member_json.read_text())
+            member_acc[seed] = member["accuracy"]
+            train_seconds += float(member.get("train_seconds", 0.0))
+    row_of = {iid: r for r, iid in enumerate(ids)}
+    result = score_view2_fold(SeedEnsemble(members), faces, row_of, pairs, fold)
+    result.update(member_accuracy=member_acc, seeds=args.seeds, train_seconds=train_seconds)
+    print(
+        f"fold {fold}: ensemble of seeds {args.seeds}: accuracy {result['accuracy']:.4f} "
+        f"auc {result['auc']:.4f} (members {member_acc})",
+        flush=True,
+    )
+    return result
+
+
 def _config_tag(name: str, args: argparse.Namespace) -> str:
     if name == "pca":
         return (
@@ -251,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-flip-average", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore saved fold results")
     p.add_argument(
+        "--seeds",
+        default="",
+        help="siamese only: score a seed ensemble of these seeds (e.g. 0,1); members are\n"
+        "reused from the single-model folders' kept models, else trained and kept",
+    )
+    p.add_argument(
         "--save-models",
         action="store_true",
         help="keep each fold's trained model in <out>/fold<k>_model/ (for later probes)",
@@ -264,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         train_fn = {"pca": pca_train_fn, "siamese": siamese_train_fn}[name](args)
         tag = _config_tag(name, args)
+        if name == "siamese" and args.seeds:
+            tag += "_seeds" + "-".join(s.strip() for s in args.seeds.split(","))
         out = args.out_dir / tag
         out.mkdir(parents=True, exist_ok=True)
         print(f"== {name} [{tag}] -> {out}", flush=True)
@@ -288,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
             if path.exists() and not args.fresh:
                 res = json.loads(path.read_text())
                 print(f"fold {k}: (saved) accuracy {res['accuracy']:.4f}", flush=True)
+            elif name == "siamese" and args.seeds:
+                res = seed_ensemble_fold(args, out, faces, ids, people_fold, pairs, k)
+                _write_json(path, res)
             else:
                 fold_train = (
                     _saving(train_fn, out / f"fold{k}_model") if args.save_models else train_fn
