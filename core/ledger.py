@@ -152,10 +152,16 @@ def reject_list(
         "rejected_at": datetime.now(UTC).isoformat(),
         **(run_context or {}),
     }
-    storage.copy(info.key, dest)
+    try:
+        storage.copy(info.key, dest)
+    except ObjectNotFound as exc:  # deleted since the check above
+        raise ListVersionGone(f"{info.key} is gone; nothing to reject") from exc
     storage.put_bytes(
         dest + ".error.json", json.dumps(report, indent=2).encode(), "application/json"
     )
-    if storage.head(info.key).etag == info.etag:  # not replaced while we copied
-        storage.delete(info.key)
+    try:
+        if storage.head(info.key).etag == info.etag:  # not replaced while we copied
+            storage.delete(info.key)
+    except ObjectNotFound:
+        pass  # deleted meanwhile: nothing left to remove
     return dest
