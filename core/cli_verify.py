@@ -86,11 +86,12 @@ def fetch_latest_results(storage: Any, list_stem: str, dest: Path | str) -> Path
 
     Returns the local Parquet path; the CSV lands beside it.
     """
+    list_stem = list_stem.strip("/")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     key = latest_result_key(storage, list_stem)
     run_id = key.rsplit("/", 1)[-1].removesuffix(".parquet")
-    out = dest / f"{list_stem.strip('/').replace('/', '_')}-{run_id}.parquet"
+    out = dest / f"{list_stem.replace('/', '_')}-{run_id}.parquet"
     out.write_bytes(storage.get_bytes(key))
     csv_key = key.removesuffix(".parquet") + ".csv"
     if storage.exists(csv_key):

@@ -121,19 +121,7 @@ def verify_pairs(
                 backend,
             )
         except PairListError as exc:
-            logger.warning("rejecting %s: %s", info.key, exc)
-            try:
-                rejected_key = reject_pair_list(storage, info, str(exc))
-            except ListVersionGone as gone:  # another run moved it, or a new version came
-                logger.warning("%s not rejected: %s", info.key, gone)
-                continue
-            except Exception as rexc:
-                logger.error("rejecting %s failed: %s", info.key, rexc)
-                out["failed"].append({"list_key": info.key, "error": f"reject: {rexc}"})
-                continue
-            out["rejected"].append(
-                {"list_key": info.key, "rejected_key": rejected_key, "error": str(exc)}
-            )
+            _reject(storage, info, str(exc), out, logger)
             continue
         except ListVersionGone as exc:
             logger.warning("skipping %s: %s", info.key, exc)
@@ -153,6 +141,22 @@ def verify_pairs(
     if out["failed"]:
         raise RuntimeError(f"{len(out['failed'])} list(s) failed: {out['failed']}")
     return out
+
+
+def _reject(storage: Any, info: Any, error: str, out: dict[str, Any], logger: Any) -> None:
+    """Move an unparseable list aside and note it in ``out``; a list another run moved, or
+    that holds a new version by now, is left alone; a failed move fails only this list."""
+    logger.warning("rejecting %s: %s", info.key, error)
+    try:
+        rejected_key = reject_pair_list(storage, info, error)
+    except ListVersionGone as gone:
+        logger.warning("%s not rejected: %s", info.key, gone)
+        return
+    except Exception as exc:
+        logger.error("rejecting %s failed: %s", info.key, exc)
+        out["failed"].append({"list_key": info.key, "error": f"reject: {exc}"})
+        return
+    out["rejected"].append({"list_key": info.key, "rejected_key": rejected_key, "error": error})
 
 
 if __name__ == "__main__":
