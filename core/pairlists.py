@@ -128,7 +128,8 @@ class _ChunkBuilder:
         row = self.next_row
         self.next_row += 1
         pid = "" if pair_id is None else str(pair_id).strip()
-        if not pid:
+        defaulted = not pid
+        if defaulted:
             pid = str(row)
         if len(pid) > MAX_FIELD:
             pid, error = pid[:64], error or "pair_id longer than 4096 characters"
@@ -141,7 +142,12 @@ class _ChunkBuilder:
                 errors.append(f"{name} is empty")
         key = hash(pid)
         if key in self.seen_ids:
-            errors.append(f"duplicate pair_id {pid[:80]!r}")
+            errors.append(
+                f"pair_id is blank and its default, the row number {pid}, is already used as "
+                "a pair_id: give this row an id"
+                if defaulted
+                else f"duplicate pair_id {pid[:80]!r}"
+            )
         else:
             self.seen_ids.add(key)
         self.rows.append(row)

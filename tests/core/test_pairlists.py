@@ -45,11 +45,13 @@ def test_csv_rows_and_every_kind_of_bad_row(tmp_path):
         "p1,images/a.jpg,images/b.jpg,1\n"  # duplicate pair id
         "p6,images/a.jpg\n"  # ragged line
         "\n"
-        "p7,images/a.jpg,images/b.jpg,\n",  # empty label -> unlabelled row
+        "p7,images/a.jpg,images/b.jpg,\n"  # empty label -> unlabelled row
+        "8,images/a.jpg,images/b.jpg,1\n"  # explicit id equal to the next row's number
+        ",images/a.jpg,images/c.jpg,0\n",  # blank: its default "8" is taken
         encoding="utf-8",
     )
     rows = _rows(path, "csv")
-    assert [r[0] for r in rows] == list(range(7))
+    assert [r[0] for r in rows] == list(range(9))
     assert rows[0] == (0, "p1", "images/a.jpg", "images/b.jpg", 1, "")
     assert rows[1][1] == "1" and rows[1][5] == ""
     assert "image_a is empty" in rows[2][5]
@@ -57,8 +59,10 @@ def test_csv_rows_and_every_kind_of_bad_row(tmp_path):
     assert "duplicate pair_id" in rows[4][5]
     assert "expected 4 fields, got 2" in rows[5][5]
     assert rows[6][4] == NO_LABEL and rows[6][5] == ""
+    assert rows[7][1] == "8" and rows[7][5] == ""
+    assert rows[8][1] == "8" and "pair_id is blank and its default" in rows[8][5]
     report = validate_pair_list(path)
-    assert (report.rows, report.invalid_rows, report.labelled) == (7, 4, True)
+    assert (report.rows, report.invalid_rows, report.labelled) == (9, 5, True)
 
 
 def test_chunks_are_bounded(tmp_path):
