@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import builtins
 import errno
+import functools
 import hashlib
 import io
 import os
 import posixpath
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -258,13 +260,29 @@ LOCAL_ETAG_HASH_LIMIT = 16 * 1024 * 1024
 
 
 def _local_etag(path: Path, st: os.stat_result) -> str:
-    if st.st_size <= LOCAL_ETAG_HASH_LIMIT:
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-        return digest.hexdigest()
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+    if st.st_size > LOCAL_ETAG_HASH_LIMIT:
+        return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+    # ctime changes on every write and cannot be set back (unlike mtime), so this stat
+    # identity names one content; a file changed in the last second is hashed every time,
+    # so two writes within one timestamp tick cannot share a cached answer
+    identity = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if time.time_ns() - st.st_ctime_ns < 1_000_000_000:
+        return _md5_file(path)
+    return _cached_md5(*identity)
+
+
+def _md5_file(path: Path | str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_md5(path: str, *_stat_identity: int) -> str:
+    """MD5 of a file version named by its stat identity (repeat listings cost a stat)."""
+    return _md5_file(path)
 
 
 def _local_error(exc: OSError, url: str) -> StorageError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import pyarrow as pa
@@ -170,3 +171,29 @@ def test_local_etag_follows_content_like_s3(local_storage):
     s.put_bytes("incoming/l.csv", b"a,b\n3,4\n")  # re-written, same bytes
     assert s.head("incoming/l.csv").etag == edited
     assert [o.etag for o in s.list("incoming/")] == [edited]
+
+
+def test_local_etag_cache_never_serves_an_old_version(local_storage):
+    """Settled files are hashed once per version; an in-place edit that keeps size and
+    mtime changes the ctime, so it is hashed again, not served from the cache."""
+    import os
+    import time
+
+    from core.storage import _cached_md5
+
+    s = local_storage
+    s.put_bytes("incoming/l.csv", b"a,b\n1,2\n")
+    path = s.root / "incoming/l.csv"
+    time.sleep(1.05)  # settled: older than the one-second window that is never cached
+    first = s.head("incoming/l.csv").etag
+    hits = _cached_md5.cache_info().hits
+    assert [o.etag for o in s.list("incoming/")] == [first]
+    assert _cached_md5.cache_info().hits == hits + 1  # the listing did not read the file
+    st = path.stat()
+    with open(path, "r+b") as fh:  # same inode, same size, mtime put back (cp -p style)
+        fh.write(b"a,b\n3,4\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(1.05)
+    edited = s.head("incoming/l.csv").etag
+    assert edited != first
+    assert edited == hashlib.md5(b"a,b\n3,4\n").hexdigest()
