@@ -37,6 +37,17 @@ PROTOCOL_FILES: dict[str, tuple[str, str]] = {
 }
 OPTIONAL_FILES = ("lfw-names.txt",)
 
+# scikit-learn downloads the images and the three pairs files, not the people files (the
+# identities of View 1 and the ten View 2 folds); they come from the LFW site, checked
+# against the digests of the official files
+PEOPLE_FILES_URL = "http://vis-www.cs.umass.edu/lfw/"
+PEOPLE_FILES_SHA256 = {
+    "people.txt": "bc8fa2b7f25c895cf7efb6de4f4fc27ca8b8d1cfa63350ad8b96eae2b198d365",
+    "peopleDevTrain.txt": "2e58df13ba4cc143189336e001cc2c195f1dfa5b29a6475c02857be353c2a2fa",
+    "peopleDevTest.txt": "c3ed1f90499473401542101a56c14c1d82396bb8218c67a356d7460601047555",
+}
+PEOPLE_FILE_MAX_BYTES = 1 << 20  # the biggest, people.txt, is ~90 KB
+
 PAIRS_SCHEMA = pa.schema(
     [
         ("fold", pa.int32()),
@@ -102,11 +113,18 @@ class ImageRef:
         return image_id(self.person, self.index)
 
 
-def locate_lfw(data_home: str | Path | None, download_if_missing: bool = False) -> LfwSource:
-    """Find (or, if allowed, download through scikit-learn) LFW under ``data_home/lfw_home``.
+def locate_lfw(
+    data_home: str | Path | None,
+    download_if_missing: bool = False,
+    people_files_url: str = PEOPLE_FILES_URL,
+) -> LfwSource:
+    """Find (or, if allowed, download) LFW under ``data_home/lfw_home``.
 
-    Never writes into ``data_home`` unless a download was asked for, so a read-only mirror
-    is fine. Raises :class:`LfwNotFoundError` naming the missing file or folder.
+    Images and pairs files come through scikit-learn's downloader, the people files from
+    ``people_files_url`` (see :func:`download_people_files`). Never writes into
+    ``data_home`` unless a download was asked for, so a read-only mirror is fine. Raises
+    :class:`LfwNotFoundError` naming the missing file or folder, and :class:`LfwError`
+    when a download fails.
     """
     from sklearn.datasets import get_data_home
     from sklearn.datasets._lfw import _check_fetch_lfw
@@ -125,14 +143,60 @@ def locate_lfw(data_home: str | Path | None, download_if_missing: bool = False) 
             data_home=str(home), funneled=True, download_if_missing=download_if_missing
         )
     except OSError as exc:
+        if download_if_missing:  # URLError, timeouts, checksum mismatches: a failed download
+            raise LfwError(f"could not download LFW into {lfw_home}: {exc}") from exc
         raise LfwNotFoundError(f"{exc}; {hint}") from exc
-    except Exception as exc:  # network errors from sklearn's downloader
+    except Exception as exc:  # anything else sklearn's downloader raises
         raise LfwError(f"could not download LFW into {lfw_home}: {exc}") from exc
     source = LfwSource(Path(found_home))
+    if download_if_missing:
+        download_people_files(source.lfw_home, people_files_url)
     for filename, _kind in PROTOCOL_FILES.values():
         if not source.protocol_path(filename).is_file():
             raise LfwNotFoundError(f"LFW protocol file {source.protocol_path(filename)} is missing")
     return source
+
+
+def download_people_files(
+    lfw_home: Path, base_url: str = PEOPLE_FILES_URL, timeout_s: float = 60.0
+) -> list[str]:
+    """Fetch the people files missing from ``lfw_home``; return the names fetched.
+
+    Each is checked against its pinned SHA-256 before it is published (temp file +
+    rename), so a proxy's error page or a truncated body never becomes a protocol file.
+    ``base_url`` may point at a mirror (``file://`` works too)."""
+    import os
+    import tempfile
+    import urllib.request
+
+    fetched = []
+    for name, expected in PEOPLE_FILES_SHA256.items():
+        target = lfw_home / name
+        if target.is_file():
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310
+                data = response.read(PEOPLE_FILE_MAX_BYTES + 1)
+        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts, a bad URL
+            raise LfwError(f"could not download LFW protocol file {url}: {exc}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise LfwError(
+                f"{url} is not the LFW {name}: sha256 {digest}, expected {expected} "
+                f"({len(data)} bytes)"
+            )
+        fd, tmp = tempfile.mkstemp(dir=lfw_home, prefix=f".{name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        logger.info("downloaded %s", url)
+        fetched.append(name)
+    return fetched
 
 
 _IMAGE_NAME = re.compile(r"^(?P<person>.+)_(?P<index>\d{4})\.jpg$")

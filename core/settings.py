@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         default=None,
         description="scikit-learn data_home holding lfw_home/ (None = sklearn's default)",
     )
+    lfw_people_url: str | None = Field(
+        default=None,
+        description="Where a download fetches the LFW people files (None = the LFW site; "
+        "scikit-learn fetches the images and pairs files)",
+    )
     cache_dir: str = Field(
         default="./var/cache", description="Writable scratch space (sklearn joblib cache, models)"
     )

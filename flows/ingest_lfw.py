@@ -52,7 +52,9 @@ def ingest_lfw(
         region=settings.aws_region,
     )
     check_storage(storage)
-    source = locate_lfw_data(data_home or settings.lfw_data_home, download_if_missing)
+    source = locate_lfw_data(
+        data_home or settings.lfw_data_home, download_if_missing, settings.lfw_people_url
+    )
     plan = plan_ingest(source, seed, val_fraction, test_fraction)
     summary: dict[str, Any] = {
         "version": plan.version,

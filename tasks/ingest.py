@@ -24,6 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from core import dataset as ds
 from core import reports
 from core.lfw import (
+    OPTIONAL_FILES,
+    PEOPLE_FILES_URL,
     ImageRef,
     LfwError,
     LfwSource,
@@ -106,9 +108,11 @@ def _retry_on_download(task_: Any, task_run: Any, state: Any) -> bool:
 @task(
     cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_on_download
 )
-def locate_lfw_data(data_home: str | None, download_if_missing: bool) -> LfwSource:
+def locate_lfw_data(
+    data_home: str | None, download_if_missing: bool, people_files_url: str | None
+) -> LfwSource:
     """scikit-learn's layout check (downloads only when allowed)."""
-    source = locate_lfw(data_home, download_if_missing=download_if_missing)
+    source = locate_lfw(data_home, download_if_missing, people_files_url or PEOPLE_FILES_URL)
     get_run_logger().info("LFW found at %s", source.lfw_home)
     return source
 
@@ -139,9 +143,10 @@ def plan_ingest(
         "method": "identity_split/v1",
     }
     split_of = identity_split(per_person, seed, val_fraction, test_fraction)
-    version = ds.compute_version(
-        image_sha.items(), protocol.file_hashes, params.to_dict(), split_settings
-    )
+    # optional files (lfw-names.txt: a mirror has it, a download does not) are recorded in
+    # the manifest but are no part of the content
+    required = {f: h for f, h in protocol.file_hashes.items() if f not in OPTIONAL_FILES}
+    version = ds.compute_version(image_sha.items(), required, params.to_dict(), split_settings)
     logger.info(
         "%d images of %d people, %d protocol files -> dataset version %s",
         len(images),
@@ -160,7 +165,13 @@ def find_complete_version(storage: Storage, version: str) -> dict[str, Any] | No
     """The manifest when this version is already complete (then nothing is written)."""
     if not ds.is_complete(storage, version):
         return None
-    if not storage.exists(ds.LATEST_KEY):  # died between manifest and latest.json
+    # a run that died between manifest and latest.json, or an ingest of a version made
+    # earlier (e.g. back to the default split after another seed): latest = this version
+    try:
+        current = ds.latest_version(storage)
+    except ds.DatasetNotFound:
+        current = None
+    if current != version:
         ds.write_json(
             storage, ds.LATEST_KEY, {"version": version, "prefix": ds.version_prefix(version)}
         )

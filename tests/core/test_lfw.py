@@ -12,8 +12,10 @@ import pytest
 
 from core import dataset as ds
 from core.lfw import (
+    PEOPLE_FILES_SHA256,
     PROTOCOL_FILES,
     CorruptImageError,
+    LfwError,
     LfwNotFoundError,
     ProtocolFileError,
     check_protocol_against_images,
@@ -28,6 +30,8 @@ from core.lfw import (
 )
 from core.splits import identity_split, split_counts
 from models.preprocessing import DEFAULT_PARAMS, preprocess_image
+from tests.conftest import free_port
+from tests.fake_lfw import build_fake_lfw
 
 
 def _data_lines(path: Path) -> list[list[str]]:
@@ -249,3 +253,62 @@ def test_real_protocol_files_parse(real_lfw_data_home):
     assert len(images) == 13233 and len({r.person for r in images}) == 5749
     assert check_protocol_against_images(protocol, images) == []
     assert os.access(real_lfw_data_home, os.R_OK)
+
+
+@pytest.fixture
+def people_mirror(real_lfw_data_home, tmp_path):
+    """A real HTTP server on 127.0.0.1 serving a copy of the official people files."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = tmp_path / "mirror"
+    root.mkdir()
+    for name in PEOPLE_FILES_SHA256:
+        shutil.copy(real_lfw_data_home / "lfw_home" / name, root / name)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _without_people_files(tmp_path):
+    """Images and pairs present (what sklearn fetches), people files missing."""
+    return build_fake_lfw(tmp_path / "lfw", n_people=20, skip_protocol=tuple(PEOPLE_FILES_SHA256))
+
+
+def test_download_fetches_the_people_files_sklearn_does_not(people_mirror, tmp_path):
+    root, url = people_mirror
+    fake = _without_people_files(tmp_path)
+    with pytest.raises(LfwNotFoundError, match="people"):
+        locate_lfw(fake.data_home, download_if_missing=False)  # offline: nothing fetched
+    source = locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
+    for name in PEOPLE_FILES_SHA256:
+        assert (source.lfw_home / name).read_bytes() == (root / name).read_bytes()
+    assert not list(source.lfw_home.glob(".*.part"))
+    (root / "people.txt").unlink()  # present files are not fetched again
+    assert locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
+
+
+def test_download_refuses_a_file_that_is_not_the_official_one(people_mirror, tmp_path):
+    root, url = people_mirror
+    (root / "peopleDevTest.txt").write_text("<html>captive portal</html>")
+    fake = _without_people_files(tmp_path)
+    with pytest.raises(LfwError, match=r"is not the LFW peopleDevTest\.txt: sha256"):
+        locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
+    assert not (fake.lfw_home / "peopleDevTest.txt").exists()
+    assert not list(fake.lfw_home.glob(".*.part"))
+
+
+def test_download_failure_is_a_retryable_error_not_not_found(tmp_path):
+    fake = _without_people_files(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}/"  # nobody listens
+    with pytest.raises(LfwError, match="could not download LFW protocol file") as info:
+        locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
+    assert type(info.value) is LfwError  # the ingest task retries exactly this type

@@ -200,6 +200,18 @@ def test_seed_changes_split_and_version(local_storage, fake_lfw_session):
     split_b = dict(zip(*ds.read_faces(local_storage, b["version"], ["image_id", "split"])
                        .columns, strict=True))  # fmt: skip
     assert split_a != split_b
+    # back to the default split: found complete, nothing written, and latest follows
+    c = ingest_lfw(data_home=str(fake_lfw_session.data_home), storage_uri=local_storage.uri)
+    assert (c["status"], c["version"]) == ("already_ingested", a["version"])
+    assert ds.latest_version(local_storage) == a["version"]
+
+
+def test_optional_names_file_is_no_part_of_the_version(local_storage, fake_lfw):
+    """A mirror with lfw-names.txt and a download without it hold the same dataset."""
+    a = ingest_lfw(data_home=str(fake_lfw.data_home), storage_uri=local_storage.uri)
+    (fake_lfw.lfw_home / "lfw-names.txt").unlink()
+    b = ingest_lfw(data_home=str(fake_lfw.data_home), storage_uri=local_storage.uri)
+    assert (b["status"], b["version"]) == ("already_ingested", a["version"])
 
 
 @pytest.mark.real_lfw
