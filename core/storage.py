@@ -108,13 +108,15 @@ class _ParquetMixin:
         """Read one Parquet object, or every ``*.parquet`` under a prefix ending in '/'."""
         fs, base = self.arrow_fs()
         path = posixpath.join(base, key) if base else key
-        if key.endswith("/"):
-            dataset = pq.ParquetDataset(path.rstrip("/"), filesystem=fs)
-            return dataset.read(columns=columns)
         try:
+            if key.endswith("/"):
+                dataset = pq.ParquetDataset(path.rstrip("/"), filesystem=fs)
+                return dataset.read(columns=columns)
             return pq.read_table(path, filesystem=fs, columns=columns)
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"{self.url_for(key)} does not exist") from exc
+        except OSError as exc:  # pyarrow's S3 errors: retried like boto3's StorageErrors
+            raise StorageError(f"cannot read {self.url_for(key)}: {exc}") from exc
 
     def url_for(self, key: str) -> str:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -155,7 +157,10 @@ class LocalStorage(_ParquetMixin):
         os.close(fd)
         try:
             shutil.copyfile(local, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -165,9 +170,9 @@ class LocalStorage(_ParquetMixin):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            _write_synced(fd, data)
             os.replace(tmp, path)  # atomic publish
+            _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -176,10 +181,10 @@ class LocalStorage(_ParquetMixin):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        _write_synced(fd, data)
         try:
             os.link(tmp, path)  # fails if the target exists: an atomic conditional create
+            _fsync_dir(path.parent)
             return True
         except FileExistsError:
             return False
@@ -251,6 +256,24 @@ class LocalStorage(_ParquetMixin):
 
     def arrow_fs(self) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(self.root)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    """Write and fsync a temp file before it is published: after a power cut a published
+    name never points at empty or partial content (a reader trusts a manifest's shards)."""
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or link in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # Up to this size a local ETag is the content's MD5, as S3's is for a single-part upload:

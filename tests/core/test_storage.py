@@ -197,3 +197,12 @@ def test_local_etag_cache_never_serves_an_old_version(local_storage):
     edited = s.head("incoming/l.csv").etag
     assert edited != first
     assert edited == hashlib.md5(b"a,b\n3,4\n").hexdigest()
+
+
+def test_s3_parquet_read_failure_is_a_storage_error_naming_the_object(tmp_path):
+    """pyarrow's S3 errors are OSErrors; the tasks retry StorageError, as for boto3 calls."""
+    s3 = storage_from_uri(
+        "s3://bucket/root", endpoint_url=f"http://127.0.0.1:{free_port()}"
+    )  # nobody listens
+    with pytest.raises(StorageError, match=r"cannot read s3://bucket/root/ds/part-0\.parquet"):
+        s3.read_parquet("ds/part-0.parquet")
