@@ -318,6 +318,7 @@ def promote_if_better(
     *,
     champion_value: float | None = None,
     champion_value_source: str = "recorded",
+    champion_version: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Champion/challenger: point production at ``version`` only if it strictly wins.
@@ -326,8 +327,11 @@ def promote_if_better(
     ``gate_value`` (default: its own metrics.json figure) must be strictly greater than
     the champion's: ``champion_value`` when the caller re-evaluated the champion on the
     challenger's test pairs (the fair comparison), else the figure recorded in the
-    pointer. The decision with both figures is written to
-    ``models/<name>/<version>/promotion.json`` and returned.
+    pointer. ``champion_version`` names the version ``champion_value`` was measured on:
+    when production is another version by now (a promotion landed meanwhile), that figure
+    is not used. The decision with both figures is written to
+    ``models/<name>/<version>/promotion.json`` and returned; a promoting decision says
+    ``pointer_written: false`` until the pointer write succeeded.
 
     The pointer is replaced by a conditional put on the ETag it was read at, so of two
     concurrent promotions only one lands; the other decides again against the new
@@ -341,17 +345,27 @@ def promote_if_better(
         current, etag = _read_pointer(storage, name)
         if current is not None and current["version"] == version:
             earlier = _read_decision(storage, name, version)
-            if earlier is not None and earlier.get("promoted"):
-                return {**earlier, "pointer": current}  # a retry after the pointer landed
+            if earlier is not None and earlier.get("promoted"):  # a retry after it landed
+                if not earlier.get("pointer_written", True):
+                    earlier["pointer_written"] = True
+                    _put_json(storage, version_prefix(name, version) + PROMOTION, earlier)
+                return {**earlier, "pointer": current}
+        if current is not None and champion_version not in (None, current["version"]):
+            # the re-evaluated figure belongs to a champion that is no longer production
+            champion_value, champion_value_source = None, "recorded"
         decision, pointer = _decide(
             name, version, metrics, gate_metric, float(gate_value), current,
             champion_value, champion_value_source, when,
         )  # fmt: skip
-        _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
+        decision_key = version_prefix(name, version) + PROMOTION
         if pointer is None:
+            _put_json(storage, decision_key, decision)
             return decision
+        _put_json(storage, decision_key, {**decision, "pointer_written": False})
         data = json.dumps(pointer, indent=2, sort_keys=True, allow_nan=True).encode()
         if storage.put_if_match(pointer_key(name), data, etag):  # one atomic conditional put
+            decision["pointer_written"] = True
+            _put_json(storage, decision_key, decision)
             decision["pointer"] = pointer
             return decision
         # another promotion landed since we read the pointer: decide again against it; a

@@ -53,6 +53,29 @@ def hyperparameters_for(
     raise ValueError(f"unknown model {model!r}")
 
 
+# flags the champion's re-evaluation must share with the challenger: set by the flow's own
+# parameters (seed, eval_pairs, view2_models), never through extra_hyperparameters
+GATE_FLAGS = frozenset({"seed", "eval-pairs", "view2-folds"})
+
+
+def check_run_parameters(
+    eval_pairs: int, extra_hyperparameters: dict[str, dict[str, Any]] | None
+) -> None:
+    """Refuse parameters that would crash a training late or make the gate unfair."""
+    if eval_pairs < 2:
+        raise ValueError(f"eval_pairs must be >= 2 (a same and a different pair), got {eval_pairs}")
+    for model, flags in (extra_hyperparameters or {}).items():
+        if model not in ("pca", "siamese"):
+            raise ValueError(f"extra_hyperparameters: unknown model {model!r} (pca, siamese)")
+        gate = sorted(k for k in flags or {} if k.replace("_", "-") in GATE_FLAGS)
+        if gate:
+            raise ValueError(
+                f"extra_hyperparameters[{model!r}] sets {gate}: the champion is re-evaluated "
+                "with the flow's seed and eval_pairs, so set those (and view2_models) as "
+                "flow parameters"
+            )
+
+
 @flow(
     name="retrain",
     log_prints=True,
@@ -108,6 +131,7 @@ def retrain(
     wanted: list[str] = [str(m) for m in dict.fromkeys(models)]
     if not wanted:
         raise ValueError("models is empty: name at least one of pca, siamese")
+    check_run_parameters(eval_pairs, extra_hyperparameters)
     manifest = resolve_dataset(storage, data_version)
     version = str(manifest["version"])
     cache_dir = settings.cache_path

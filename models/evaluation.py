@@ -178,6 +178,8 @@ def make_split_pairs(
         raise ValueError(f"split {split!r} has no person with two images; cannot make same pairs")
     if len(by_person) < 2:
         raise ValueError(f"split {split!r} has one person; cannot make different pairs")
+    if n_pairs < 2:
+        raise ValueError(f"n_pairs must be >= 2 (a same and a different pair), got {n_pairs}")
     n_same = n_pairs // 2
     n_diff = n_pairs - n_same
     # same pairs: round-robin over people so one celebrity does not dominate

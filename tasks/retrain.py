@@ -211,10 +211,11 @@ def promote_model(
     champion: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Champion/challenger gate; the decision is stored next to the version."""
-    champion_value = None
+    champion_value = champion_version = None
     source = "recorded"
     if champion is not None:
         champion_value = float(champion["test"][gate_metric])
+        champion_version = champion["version"]
         source = f"re-evaluated on this run's test pairs (data {champion.get('data_version')})"
     decision = registry.promote_if_better(
         storage,
@@ -223,6 +224,7 @@ def promote_model(
         gate_metric,
         champion_value=champion_value,
         champion_value_source=source,
+        champion_version=champion_version,
     )
     get_run_logger().info(
         "%s %s: %s - %s",

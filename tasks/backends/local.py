@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -68,9 +69,15 @@ def materialise_dataset(storage: Any, version: str, cache_dir: Path) -> Path:
     for key in [*keys, prefix + "manifest.json"]:
         target = dest / key[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        tmp.write_bytes(storage.get_bytes(key))
-        os.replace(tmp, target)
+        # a temp name of its own: two runs preparing the same version must not collide
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(storage.get_bytes(key))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return dest
 
 

@@ -98,6 +98,10 @@ def build_model_trainer(
     )
 
 
+# DescribeTrainingJob errors in a row (after botocore's own retries) before the wait gives up
+MAX_REFRESH_ERRORS = 5
+
+
 def wait_for_job(
     job: Any,
     *,
@@ -108,33 +112,61 @@ def wait_for_job(
 ) -> Any:
     """Poll ``job`` (a ``sagemaker.core.resources.TrainingJob``) until it ends.
 
-    Logs every status change; stops the job and raises on timeout; raises
-    :class:`TrainingJobFailed` with the FailureReason on Failed or Stopped.
+    Logs every status change; raises :class:`TrainingJobFailed` with the FailureReason
+    (or the secondary status, e.g. MaxRuntimeExceeded) on Failed or Stopped. A job this
+    wait gives up on (timeout, polling that keeps failing, a cancelled run) is stopped,
+    so it does not go on billing with nobody to register its model.
     """
     started = time.monotonic()
     last = None
-    while True:
-        job.refresh()
-        status = str(job.training_job_status)
-        secondary = _plain(getattr(job, "secondary_status", None))
-        if (status, secondary) != last:
-            log(f"[sagemaker] {job.training_job_name}: {status} ({secondary or '-'})")
-            last = (status, secondary)
-        if status == "Completed":
-            return job
-        if status in ("Failed", "Stopped"):
-            reason = _plain(getattr(job, "failure_reason", None)) or "no FailureReason given"
-            raise TrainingJobFailed(job.training_job_name, status, reason)
-        if time.monotonic() - started >= timeout_s:
+    errors = 0
+    try:
+        while True:
             try:
-                job.stop()
-            finally:
+                job.refresh()
+            except Exception as exc:  # throttling or a network blip: poll again, a few times
+                errors += 1
+                if errors >= MAX_REFRESH_ERRORS:
+                    raise
+                log(f"[sagemaker] {job.training_job_name}: status unavailable ({exc}); retrying")
+                sleep(poll_s)
+                continue
+            errors = 0
+            status = str(job.training_job_status)
+            secondary = _plain(getattr(job, "secondary_status", None))
+            if (status, secondary) != last:
+                log(f"[sagemaker] {job.training_job_name}: {status} ({secondary or '-'})")
+                last = (status, secondary)
+            if status == "Completed":
+                return job
+            if status in ("Failed", "Stopped"):
+                reason = _plain(getattr(job, "failure_reason", None)) or (
+                    f"no FailureReason given; secondary status {secondary}"
+                    if secondary
+                    else "no FailureReason given"
+                )
+                raise TrainingJobFailed(job.training_job_name, status, reason)
+            if time.monotonic() - started >= timeout_s:
+                _stop_quietly(job, log)
                 raise TrainingJobFailed(
                     job.training_job_name,
                     f"{status} after the {timeout_s:.0f}s timeout (stop requested)",
                     "no terminal status within the job's max runtime plus the wait grace period",
                 )
-        sleep(poll_s)
+            sleep(poll_s)
+    except TrainingJobFailed:
+        raise  # the job ended on its own, or was stopped above
+    except BaseException:
+        _stop_quietly(job, log)
+        raise
+
+
+def _stop_quietly(job: Any, log: Callable[[str], None]) -> None:
+    try:
+        job.stop()
+        log(f"[sagemaker] {job.training_job_name}: stop requested")
+    except Exception as exc:  # the error that brought us here matters more
+        log(f"[sagemaker] {job.training_job_name}: could not request a stop: {exc}")
 
 
 def _plain(value: Any) -> str | None:

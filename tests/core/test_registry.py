@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core import registry
-from core.storage import LocalStorage
+from core.storage import LocalStorage, StorageError
 
 T0 = datetime(2026, 12, 4, 20, 30, 0, tzinfo=UTC)
 
@@ -261,3 +261,59 @@ def test_promotion_is_a_compare_and_swap(any_storage, tmp_path: Path, monkeypatc
     # a retried call after its pointer write landed reports the same promotion
     again = registry.promote_if_better(storage, "pca", va)
     assert again["promoted"] and again["pointer"]["version"] == va
+
+
+def test_a_reevaluated_figure_is_only_used_against_its_own_champion(tmp_path: Path) -> None:
+    """Run X re-evaluated champion A; run Y promoted a better B meanwhile: X's challenger
+    must beat B's figure, not A's (it would otherwise replace a better model)."""
+    storage = LocalStorage(tmp_path / "store")
+    a_dir, a = make_model_dir(tmp_path / "a", 0.70, seed=1)
+    va = registry.register_version(storage, "pca", a_dir, a, CARD, now=T0)
+    registry.promote_if_better(storage, "pca", va)
+    b_dir, b = make_model_dir(tmp_path / "b", 0.90, seed=2)
+    vb = registry.register_version(storage, "pca", b_dir, b, CARD, now=T0)
+    assert registry.promote_if_better(storage, "pca", vb)["promoted"]  # run Y
+    x_dir, x = make_model_dir(tmp_path / "x", 0.80, seed=3)
+    vx = registry.register_version(storage, "pca", x_dir, x, CARD, now=T0)
+    d = registry.promote_if_better(  # run X, with A re-evaluated at 0.72
+        storage, "pca", vx, champion_value=0.72, champion_value_source="re-evaluated",
+        champion_version=va,
+    )  # fmt: skip
+    assert not d["promoted"]
+    assert (d["champion_version"], d["champion_value"], d["champion_value_source"]) == (
+        vb, 0.90, "recorded"
+    )  # fmt: skip
+    assert registry.get_production(storage, "pca")["version"] == vb
+    # against the champion it was measured on, the re-evaluated figure is the bar
+    y_dir, y = make_model_dir(tmp_path / "y", 0.89, seed=4)
+    vy = registry.register_version(storage, "pca", y_dir, y, CARD, now=T0)
+    d = registry.promote_if_better(
+        storage, "pca", vy, champion_value=0.85, champion_value_source="re-evaluated",
+        champion_version=vb,
+    )  # fmt: skip
+    assert d["promoted"] and d["champion_value"] == 0.85
+
+
+def test_a_promotion_whose_pointer_write_failed_is_not_recorded_as_done(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path / "store")
+    d1, m1 = make_model_dir(tmp_path / "a", 0.70, seed=1)
+    v1 = registry.register_version(storage, "pca", d1, m1, CARD, now=T0)
+    registry.promote_if_better(storage, "pca", v1)
+    d2, m2 = make_model_dir(tmp_path / "b", 0.90, seed=2)
+    v2 = registry.register_version(storage, "pca", d2, m2, CARD, now=T0)
+
+    def outage(*_args, **_kwargs):
+        raise StorageError("endpoint unreachable")
+
+    monkeypatch.setattr(storage, "put_if_match", outage)
+    with pytest.raises(StorageError):
+        registry.promote_if_better(storage, "pca", v2)
+    monkeypatch.undo()
+    stored = json.loads(storage.get_bytes(f"models/pca/{v2}/promotion.json"))
+    assert stored["promoted"] is True and stored["pointer_written"] is False
+    assert registry.get_production(storage, "pca")["version"] == v1
+    retried = registry.promote_if_better(storage, "pca", v2)  # the task's retry
+    assert retried["promoted"] and retried["pointer_written"] is True
+    assert registry.get_production(storage, "pca")["version"] == v2
+    stored = json.loads(storage.get_bytes(f"models/pca/{v2}/promotion.json"))
+    assert stored["pointer_written"] is True

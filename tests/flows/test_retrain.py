@@ -164,6 +164,26 @@ def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
     assert registry.list_versions(storage, "pca") == []
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"eval_pairs": 0}, "eval_pairs must be >= 2"),
+        ({"extra_hyperparameters": {"pca": {"eval-pairs": 500}}}, r"sets \['eval-pairs'\]"),
+        ({"extra_hyperparameters": {"pca": {"seed": 3}}}, r"sets \['seed'\]"),
+        ({"extra_hyperparameters": {"siamese": {"view2_folds": 2}}}, "view2_folds"),
+        ({"extra_hyperparameters": {"siamse": {"epochs": 2}}}, "unknown model 'siamse'"),
+    ],
+)
+def test_parameters_that_would_skew_the_gate_are_refused(storage: S3Storage, kwargs, message):
+    """The champion is re-evaluated with the flow's seed and eval_pairs: a challenger
+    scored on other pairs would make the comparison unfair, so those are flow-only."""
+    from flows.retrain import retrain
+
+    with pytest.raises(ValueError, match=message):
+        retrain(models=["pca"], **{**SMALL, **kwargs})
+    assert registry.list_versions(storage, "pca") == []
+
+
 def test_failed_training_still_reports_and_fails_the_run(storage: S3Storage) -> None:
     """A model whose script fails (here: an invalid flag value) fails the run at the end."""
     from flows.retrain import retrain

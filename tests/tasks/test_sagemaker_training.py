@@ -324,3 +324,74 @@ def test_wait_timeout_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Pa
         wait_for_job(job, timeout_s=0, poll_s=0, log=lambda _: None)
     assert stopped == [job.training_job_name]
     assert err.value.status.startswith("InProgress")
+
+
+def _started_job(s3_storage, boto_session, tmp_path: Path) -> Any:
+    from models.source_dir import stage_source_dir
+    from tasks.backends.sagemaker_common import make_sagemaker_session
+    from tasks.backends.sagemaker_training import build_model_trainer
+
+    trainer = build_model_trainer(
+        model="pca",
+        source_dir=stage_source_dir(tmp_path / "src"),
+        hyperparameters={},
+        storage=s3_storage,
+        sagemaker_session=make_sagemaker_session(boto_session, s3_storage.bucket, "root/jobs"),
+        role_arn=ROLE,
+        instance_type="ml.m5.xlarge",
+        region="us-east-1",
+        max_runtime_s=60,
+    )
+    trainer.train(wait=False, logs=False)
+    return trainer._latest_training_job
+
+
+def test_job_stopped_at_max_runtime_says_so(s3_storage, moto_endpoint: str, tmp_path: Path) -> None:
+    """SageMaker gives no FailureReason for MaxRuntimeExceeded: the secondary status is it."""
+    from tasks.backends.sagemaker_training import wait_for_job
+
+    boto_session = moto_boto_session(moto_endpoint)
+    answer, _ = canned_describe(
+        [{"TrainingJobStatus": "Stopped", "SecondaryStatus": "MaxRuntimeExceeded"}]
+    )
+    boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", answer)
+    job = _started_job(s3_storage, boto_session, tmp_path)
+    with pytest.raises(TrainingJobFailed, match="secondary status MaxRuntimeExceeded"):
+        wait_for_job(job, timeout_s=60, poll_s=0, log=lambda _: None)
+
+
+def test_polling_that_keeps_failing_stops_the_job(
+    s3_storage, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """A blip is polled through; polling that keeps failing gives up and stops the job
+    instead of leaving it running (and billing) with nobody to register its model."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from tasks.backends.sagemaker_training import MAX_REFRESH_ERRORS, wait_for_job
+
+    boto_session = moto_boto_session(moto_endpoint)
+    answer, calls = canned_describe([{"TrainingJobStatus": "Completed", "SecondaryStatus": "x"}])
+    outage = {"left": 0}
+
+    def flaky(params: dict[str, Any], **kw: Any):
+        if outage["left"] > 0:
+            outage["left"] -= 1
+            raise EndpointConnectionError(endpoint_url="https://sagemaker.invalid")
+        return answer(params, **kw)
+
+    boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", flaky)
+    stopped: list[str] = []
+    boto_session.events.register(
+        "before-parameter-build.sagemaker.StopTrainingJob",
+        lambda params, **_: stopped.append(params["TrainingJobName"]),
+    )
+    job = _started_job(s3_storage, boto_session, tmp_path)  # creating it describes it too
+    outage["left"] = 1
+    logs: list[str] = []
+    assert wait_for_job(job, timeout_s=60, poll_s=0, log=logs.append) is job  # one blip
+    assert any("status unavailable" in line for line in logs) and stopped == []
+
+    outage["left"] = MAX_REFRESH_ERRORS
+    with pytest.raises(EndpointConnectionError):
+        wait_for_job(job, timeout_s=60, poll_s=0, log=logs.append)
+    assert stopped == [job.training_job_name]
