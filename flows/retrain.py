@@ -238,8 +238,9 @@ def _register_and_promote(
             outcomes[m] = {"error": str(result)}
             continue
         champion_state = evaluate_champion(
-            storage, m, dataset_dir, eval_pairs, seed, cache_dir, return_state=True
-        )
+            storage, m, dataset_dir, eval_pairs, seed, cache_dir, result.model_dir,
+            return_state=True,
+        )  # fmt: skip
         champion = champion_state.result(raise_on_failure=False)
         if isinstance(champion, BaseException):
             # an unreadable champion must not block the challenger: fall back to the

@@ -112,6 +112,23 @@ def train_model(
     raise ValueError(f"unknown backend {backend!r}; expected local or sagemaker")
 
 
+def champion_seen_people(
+    storage: Storage, champion_data_version: str | None, data_version: str
+) -> set[str]:
+    """People the champion trained on or fitted its threshold on (its dataset's train and
+    val splits), when it was trained on another dataset version than ``data_version``.
+
+    Another version may deal people to other splits (another seed or fractions): such
+    people in this run's val/test pairs would flatter the champion. Same version: none."""
+    if not champion_data_version or champion_data_version == data_version:
+        return set()
+    from core.dataset import read_faces
+
+    table = read_faces(storage, champion_data_version, ["person", "split"])
+    persons, splits = table.column("person").to_pylist(), table.column("split").to_pylist()
+    return {p for p, s in zip(persons, splits, strict=True) if s != "test"}
+
+
 @task(name="evaluate-champion", cache_policy=NO_CACHE)
 def evaluate_champion(
     storage: Storage,
@@ -120,43 +137,68 @@ def evaluate_champion(
     eval_pairs: int,
     seed: int,
     cache_dir: Path,
+    challenger_dir: Path | None = None,
 ) -> dict[str, Any] | None:
     """Score the production model on the challenger's val/test pairs (None if no champion).
 
     Same pairs (same dataset, ``eval_pairs`` and ``seed``), same procedure (threshold
     fitted on val, reported on test): the gate compares like with like even when the
-    champion was evaluated on another dataset version when it was promoted.
+    champion was evaluated on another dataset version when it was promoted. When that
+    version split the people differently, the people the champion trained on are left
+    out of the pairs, and the challenger (``challenger_dir``) is re-scored on the same
+    reduced pairs (``challenger_test``), so neither figure is flattered.
     """
     from models.evaluation import evaluate_candidate
-    from models.loading import read_channel
+    from models.loading import load_embedder, read_channel
 
     if registry.get_production(storage, name) is None:
         return None
     pointer, embedder = registry.load_production_model(storage, name, cache_dir)
     data = read_channel(dataset_dir)
-    evaluation = evaluate_candidate(
-        embedder,
-        data.faces,
-        data.image_ids.tolist(),
-        data.splits.tolist(),
-        data.persons.tolist(),
-        n_pairs=eval_pairs,
-        seed=seed,
-    )
-    get_run_logger().info(
+    seen = champion_seen_people(storage, pointer.get("data_version"), data.version)
+    keep = np.array([p not in seen for p in data.persons.tolist()], dtype=bool)
+    left_out = sorted(set(data.persons[~keep & (data.splits != "train")].tolist()))
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        return evaluate_candidate(
+            model,
+            data.faces[keep],
+            data.image_ids[keep].tolist(),
+            data.splits[keep].tolist(),
+            data.persons[keep].tolist(),
+            n_pairs=eval_pairs,
+            seed=seed,
+        )
+
+    evaluation = evaluate(embedder)
+    logger = get_run_logger()
+    logger.info(
         "champion %s %s re-evaluated: test accuracy %.4f (recorded at promotion: %s)",
         name,
         pointer["version"],
         evaluation["test"]["accuracy"],
         pointer.get("gate_value"),
     )
-    return {
+    out = {
         "version": pointer["version"],
         "data_version": pointer.get("data_version"),
         "recorded_value": pointer.get("gate_value"),
         "test": evaluation["test"],
         "threshold": evaluation["threshold"],
+        "left_out_people": len(left_out),
     }
+    if left_out:
+        if challenger_dir is None:
+            raise ValueError("the champion saw some of these val/test people: pass challenger_dir")
+        out["challenger_test"] = evaluate(load_embedder(challenger_dir))["test"]
+        logger.info(
+            "%d val/test people were in the champion's training data (%s): both models "
+            "scored without them; challenger test accuracy %.4f",
+            len(left_out),
+            pointer.get("data_version"),
+            out["challenger_test"]["accuracy"],
+        )
+    return out
 
 
 def eigenfaces_png(model_dir: Path, n: int = 16) -> bytes:
@@ -211,17 +253,24 @@ def promote_model(
     champion: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Champion/challenger gate; the decision is stored next to the version."""
-    champion_value = champion_version = None
+    champion_value = champion_version = gate_value = None
     source = "recorded"
     if champion is not None:
         champion_value = float(champion["test"][gate_metric])
         champion_version = champion["version"]
         source = f"re-evaluated on this run's test pairs (data {champion.get('data_version')})"
+        if champion.get("challenger_test"):
+            gate_value = float(champion["challenger_test"][gate_metric])
+            source += (
+                f" without the {champion['left_out_people']} val/test people it trained on;"
+                " the challenger re-scored on the same pairs"
+            )
     decision = registry.promote_if_better(
         storage,
         name,
         version,
         gate_metric,
+        gate_value,
         champion_value=champion_value,
         champion_value_source=source,
         champion_version=champion_version,

@@ -155,6 +155,51 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     assert decision["promoted"] is (decision["challenger_value"] > decision["champion_value"])
 
 
+def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_path) -> None:
+    """A re-ingest with another seed deals people to other splits: the gate leaves out the
+    val/test people the champion trained on, for both models, so neither is flattered."""
+    from core import dataset as ds
+    from flows.ingest_lfw import ingest_lfw
+    from flows.retrain import retrain
+    from tests.fake_lfw import build_fake_lfw
+
+    fake = build_fake_lfw(tmp_path / "lfw", n_people=150, max_images=6)
+    # big val/test shares, so that the people both versions keep out of training are enough
+    # to make pairs from
+    version_a, version_b = (
+        ingest_lfw(
+            data_home=str(fake.data_home), storage_uri=storage.uri, seed=seed,
+            val_fraction=0.3, test_fraction=0.3,
+        )["version"]
+        for seed in (1, 2)
+    )  # fmt: skip
+    assert version_b != version_a
+    first = retrain(models=["pca"], pca_components=20, data_version=version_a, **SMALL)
+    v1 = first["models"]["pca"]["version"]
+    assert registry.get_production(storage, "pca")["data_version"] == version_a
+
+    def split_of(version: str) -> dict[str, str]:
+        t = ds.read_faces(storage, version, ["person", "split"])
+        persons, splits = t.column("person").to_pylist(), t.column("split").to_pylist()
+        return dict(zip(persons, splits, strict=True))
+
+    a, b = split_of(version_a), split_of(version_b)
+    seen = {p for p, s in b.items() if s != "train" and a[p] != "test"}
+    assert seen  # the new seed put some of the champion's people into val/test
+
+    out = retrain(models=["pca"], pca_components=20, data_version=version_b, **SMALL)
+    model = out["models"]["pca"]
+    decision = json.loads(
+        storage.get_bytes(registry.version_prefix("pca", model["version"]) + "promotion.json")
+    )
+    assert decision["champion_version"] == v1
+    assert (
+        f"without the {len(seen)} val/test people it trained on"
+        in (decision["champion_value_source"])
+    )
+    assert decision["promoted"] is (decision["challenger_value"] > decision["champion_value"])
+
+
 def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
     from core.dataset import DatasetNotFound
     from flows.retrain import retrain
