@@ -27,12 +27,28 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_NAMES = ("pca", "siamese")
+
+
+def model_list(value: str) -> list[str]:
+    """argparse type of --models / --view2: comma-separated model names ('' = none)."""
+    names = [m.strip().lower() for m in value.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODEL_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown model(s) {', '.join(unknown)}: use {', '.join(MODEL_NAMES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def cmd_retrain(args: argparse.Namespace) -> int:
     from flows.retrain import retrain
 
-    kwargs: dict[str, Any] = {"models": args.models.split(",")}
+    if not args.models:
+        raise ValueError("--models names no model: use pca, siamese or both")
+    kwargs: dict[str, Any] = {"models": args.models}
     if args.view2 is not None:
-        kwargs["view2_models"] = [m for m in args.view2.split(",") if m]
+        kwargs["view2_models"] = args.view2
     if args.siamese_epochs is not None:
         kwargs["siamese_epochs"] = args.siamese_epochs
     if args.siamese_max_train_seconds is not None:
@@ -46,8 +62,38 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from flows.verify_pairs import verify_pairs
 
-    _print(verify_pairs(list_key=args.list_key, model_name=args.model, precision=args.precision))
-    return 0
+    out = verify_pairs(list_key=args.list_key, model_name=args.model, precision=args.precision)
+    _print(out)
+    if not args.list_key or any(p["list_key"] == args.list_key for p in out["processed"]):
+        return 0
+    return _explain_unverified(args.list_key, out)
+
+
+def _explain_unverified(list_key: str, out: dict[str, Any]) -> int:
+    """Why a named list got no results this run: 0 when it has results already, else 1."""
+    from core.ledger import is_processed
+    from core.storage import ObjectNotFound, get_storage
+
+    for rejected in out["rejected"]:
+        if rejected["list_key"] == list_key:
+            print(
+                f"facereid verify: {list_key} was rejected ({rejected['error']}); it is now at "
+                f"{rejected['rejected_key']}",
+                file=sys.stderr,
+            )
+            return 1
+    storage = get_storage()
+    try:
+        info = storage.head(list_key)
+    except ObjectNotFound:
+        print(f"facereid verify: {storage.url_for(list_key)} does not exist", file=sys.stderr)
+        return 1
+    if is_processed(storage, info.key, info.etag):
+        stem = list_key.removeprefix("incoming/").rsplit(".", 1)[0]
+        print(f"{list_key} was verified already: facereid results {stem}", file=sys.stderr)
+        return 0
+    print(f"facereid verify: {list_key} was not verified (see the log above)", file=sys.stderr)
+    return 1
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
@@ -104,7 +150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         retrain(
             siamese_epochs=args.siamese_epochs,
             siamese_max_train_seconds=args.siamese_max_train_seconds,
-            view2_models=[m for m in args.view2.split(",") if m],
+            view2_models=args.view2,
         )
     )
     print("[demo] 3/3 verify a dropped pair list")
@@ -129,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--siamese-epochs", type=int, default=8)
     p.add_argument("--siamese-max-train-seconds", type=int, default=900)
     p.add_argument(
-        "--view2", default="pca", help="models that also run the 10-fold View 2 protocol"
+        "--view2",
+        type=model_list,
+        default=["pca"],
+        help="comma list of models that also run the 10-fold View 2 protocol ('' = none)",
     )
     p.add_argument("--pairs", type=int, default=1000, help="pairs in the demo list (max 1000)")
     p.add_argument("--download", action="store_true", help="download LFW if missing")
@@ -141,12 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("retrain", help="run the retrain flow")
-    p.add_argument("--models", default="pca,siamese")
+    p.add_argument(
+        "--models", type=model_list, default=["pca", "siamese"], help="comma list: pca,siamese"
+    )
     p.add_argument("--backend", choices=["local", "sagemaker"], default=None)
     p.add_argument("--siamese-epochs", type=int, default=None)
     p.add_argument("--siamese-max-train-seconds", type=int, default=None)
     p.add_argument(
-        "--view2", default=None, help="comma list of models that run View 2 (default: pca)"
+        "--view2",
+        type=model_list,
+        default=None,
+        help="comma list of models that run View 2 (default: pca; '' = none)",
     )
     p.set_defaults(func=cmd_retrain)
 
@@ -185,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: missing file, permissions
         print(f"facereid {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

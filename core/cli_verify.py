@@ -56,6 +56,13 @@ def drop_pair_list(
             )
     content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
     storage.put_bytes(key, local_path.read_bytes(), content_type)
+    if is_processed(storage, key, storage.head(key).etag):
+        stem = key[len(INCOMING) :].rsplit(".", 1)[0]
+        print(
+            f"note: this exact content of {key} was verified already, so no run verifies it "
+            f"again (results: facereid results {stem}); to verify it with the current model, "
+            "drop it under another name (--name)"
+        )
     if report.invalid_rows:
         print(
             f"warning: {report.invalid_rows} of {report.rows} rows are invalid and will be "

@@ -82,11 +82,13 @@ def find_production_pointers(storage: Any) -> list[dict[str, Any]]:
 
 def choose_model_name(storage: Any, model_name: str) -> str:
     """``auto`` = the promoted model with the best gate figure (ties: name order)."""
+    from core.registry import RegistryError
+
     if model_name != "auto":
         return model_name
     pointers = find_production_pointers(storage)
     if not pointers:
-        raise LookupError(f"no promoted model under {storage.url_for('models/')}; run retrain")
+        raise RegistryError(f"no promoted model under {storage.url_for('models/')}; run retrain")
     best = max(pointers, key=lambda p: (float(p.get("gate_value") or 0.0), p["name"]))
     return str(best["name"])
 
@@ -745,7 +747,20 @@ def find_pending_lists(storage: Any, list_key: str | None = None) -> list[Object
     return list(pending_lists(storage))
 
 
-@task(name="load_production_model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _retry_unless_registry_error(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry storage hiccups, not "nothing promoted yet" or a malformed pointer."""
+    from core.registry import RegistryError
+
+    return not isinstance(state.result(raise_on_failure=False), RegistryError)
+
+
+@task(
+    name="load_production_model",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_unless_registry_error,
+    cache_policy=NO_CACHE,
+)
 def load_production_model_task(
     storage: Any,
     model_name: str,
