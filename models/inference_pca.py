@@ -77,7 +77,8 @@ def input_fn(request_body: Any, request_content_type: str) -> np.ndarray:
         return np.stack([_face_row(f) for f in items])
     if ctype == "application/x-npy":
         arr = np.load(io.BytesIO(body), allow_pickle=False)
-        return np.asarray(arr, np.float32).reshape(len(arr), -1)
+        # (H, W) one face, (N, H, W) or (N, H*W) a batch
+        return np.asarray(arr, np.float32).reshape(-1, FACE_SHAPE[0] * FACE_SHAPE[1])
     raise ValueError(
         f"unsupported content type {request_content_type!r}; use application/jsonlines, "
         "application/json or application/x-npy"

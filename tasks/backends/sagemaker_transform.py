@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from core.image_refs import ImageRef
+from core.storage import ObjectNotFound
 from tasks.backends.sagemaker_common import (
     SageMakerBackendError,
     image_uri,
@@ -62,6 +63,12 @@ class TransformJobFailed(SageMakerBackendError):
 class TransformInput:
     prefix: str  # storage key prefix of this embedding job
     shards: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, cache ids)
+    sha256: dict[str, str] = field(default_factory=dict)  # shard name -> digest of its bytes
+
+    @property
+    def done_key(self) -> str:
+        """Written after a job completed: the digests of the inputs its output is for."""
+        return f"{self.prefix}done.json"
 
     @property
     def input_prefix(self) -> str:
@@ -110,8 +117,10 @@ def write_transform_input(
     def flush() -> None:
         if ids:
             name = f"part-{len(plan.shards):05d}.jsonl"
-            storage.put_bytes(plan.input_prefix + name, encode_shard(ids, batch), CONTENT_TYPE)
+            body = encode_shard(ids, batch)
+            storage.put_bytes(plan.input_prefix + name, body, CONTENT_TYPE)
             plan.shards.append((name, ids.copy()))
+            plan.sha256[name] = hashlib.sha256(body).hexdigest()
             ids.clear()
             batch.clear()
 
@@ -137,6 +146,11 @@ def repack_with_serving_code(archive: bytes) -> tuple[bytes, str]:
         kind = meta.get("kind")
         if kind not in SERVING_CODE:
             raise SageMakerBackendError(f"no serving code for model kind {kind!r}")
+        if kind == "siamese" and not (root / "savedmodel" / "1" / "saved_model.pb").is_file():
+            raise SageMakerBackendError(
+                "the Siamese artifact has no savedmodel/1/ for TF Serving (trained with "
+                "--export-savedmodel 0?); retrain with the export to serve it on SageMaker"
+            )
         code = root / "code"
         code.mkdir(exist_ok=True)
         for name in (SERVING_CODE[kind], *SERVING_HELPERS[kind]):
@@ -294,7 +308,18 @@ def read_transform_output(storage: Any, plan: TransformInput, table: EmbeddingTa
 
 
 def outputs_complete(storage: Any, plan: TransformInput) -> bool:
-    return bool(plan.shards) and all(storage.exists(plan.output_key(s)) for s, _ in plan.shards)
+    """True when a finished job's output exists for exactly these input bytes.
+
+    Outputs are matched to inputs by line position, so output made from other bytes (an
+    image replaced under the same key, a face that failed to load in an earlier run and
+    shifted the rest) must never be reused: the job records its input digests when done."""
+    if not plan.shards or not all(storage.exists(plan.output_key(s)) for s, _ in plan.shards):
+        return False
+    try:
+        done = json.loads(storage.get_bytes(plan.done_key))
+    except (ObjectNotFound, ValueError):
+        return False
+    return bool(done.get("inputs_sha256") == plan.sha256)
 
 
 def embed_with_transform(
@@ -319,7 +344,8 @@ def embed_with_transform(
     start = time.perf_counter()
     table = EmbeddingTable()
     digest = job_digest(pointer, cache_ids)
-    prefix = f"transform/{_safe_name(pointer['name'] + '-' + pointer['version'])}/{digest}/"
+    version_root = f"transform/{_safe_name(pointer['name'] + '-' + pointer['version'])}/"
+    prefix = f"{version_root}{digest}/"
     plan = write_transform_input(storage, faces, prefix, table, shard_faces)
     if not plan.shards:
         return table
@@ -328,9 +354,15 @@ def embed_with_transform(
     else:
         boto_session = boto_session or make_boto_session(region, endpoints)
         archive, kind = repack_with_serving_code(storage.get_bytes(pointer["artifact_key"]))
-        artifact_key = f"{prefix}model/model.tar.gz"
-        storage.put_bytes(artifact_key, archive, "application/gzip")
-        model_name = _safe_name(f"facereid-{pointer['name']}-{pointer['version']}")
+        # one archive and one SageMaker Model per (version, serving code): a changed
+        # inference script gets a new Model instead of the one made from the first archive
+        archive_sha = hashlib.sha256(archive).hexdigest()
+        artifact_key = f"{version_root}model-{archive_sha[:12]}/model.tar.gz"
+        if not storage.exists(artifact_key):
+            storage.put_bytes(artifact_key, archive, "application/gzip")
+        model_name = _safe_name(
+            f"facereid-{pointer['name']}-{pointer['version']}-{archive_sha[:8]}"
+        )
         image = image_uri(kind, region, instance_type, scope="inference")
         ensure_model(
             boto_session,
@@ -353,6 +385,11 @@ def embed_with_transform(
         )
         log(f"[sagemaker] submitted {job_name}: {len(plan.shards)} shard(s), {instance_count}x")
         wait_for_transform(job, timeout_s, poll_s, log)
+        storage.put_bytes(
+            plan.done_key,
+            json.dumps({"job": job_name, "inputs_sha256": plan.sha256}, indent=2).encode(),
+            "application/json",
+        )
     read_transform_output(storage, plan, table)
     table.seconds = time.perf_counter() - start
     return table

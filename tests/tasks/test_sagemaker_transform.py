@@ -47,6 +47,8 @@ def normalise_request(params: dict[str, Any], bucket: str) -> dict[str, Any]:
     job_name = "facereid-embed-<digest>-<timestamp>"
     text = re.sub(r"facereid-embed-[0-9a-f]{12}-\d{14}", job_name, text)
     text = re.sub(r"(transform/[A-Za-z0-9-]+)/[0-9a-f]{16}/", r"\1/<digest>/", text)
+    text = re.sub(r"/model-[0-9a-f]{12}/", "/model-<archive>/", text)
+    text = re.sub(r'("ModelName": "facereid-[A-Za-z0-9-]+)-[0-9a-f]{8}"', r'\1-<archive>"', text)
     return json.loads(text)
 
 
@@ -222,6 +224,18 @@ def test_pca_transform_requests_and_scoring(s3_storage, moto_endpoint, pca_model
     assert entry2["metrics"] == {**entry["metrics"], **{k: entry2["metrics"][k] for k in (
         "embed_seconds", "pairs_per_s")}}  # fmt: skip
 
+    # an image replaced under the same key: same references, other bytes -> a new job, and
+    # the scores are the new image's (stale output is never matched to new inputs)
+    storage.put_bytes("images/p0_0.jpg", fake_face_jpeg(9, 99))
+    verify_list(storage, job, pointer["threshold"], embed_unique, ["images/"], tmp_path)
+    assert len(captured["CreateTransformJob"]) == 2
+    assert len(captured["CreateModel"]) == 1  # same version, same serving code: same Model
+    by_id = {r["pair_id"]: r for r in storage.read_parquet(job.result_key).to_pylist()}
+    a = preprocess_image(storage.get_bytes("images/p0_0.jpg"))
+    b = preprocess_image(storage.get_bytes("images/p0_1.jpg"))
+    ea, eb = local.embed(np.stack([a, b]))
+    assert by_id["s0"]["score"] == pytest.approx(float(ea @ eb), abs=1e-5)
+
 
 def test_failed_transform_surfaces_reason():
     states = iter(["InProgress", "Failed"])
@@ -254,6 +268,8 @@ def test_pca_serving_matches_the_embedder(pca_model_dir):
     ):
         emb = serving.predict_fn(serving.input_fn(payload, ctype), model)
         np.testing.assert_allclose(emb, PCAEmbedder.load(pca_model_dir).embed(faces), atol=1e-5)
+    one = serving.predict_fn(serving.input_fn(_npy(faces[0]), "application/x-npy"), model)
+    np.testing.assert_allclose(one, emb[:1], atol=1e-5)  # a single (H, W) face is one row
     out, ctype = serving.output_fn(emb, "application/jsonlines")
     assert ctype == "application/jsonlines" and len(out.splitlines()) == 3
     with pytest.raises(ValueError, match="unsupported content type"):
