@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 PREPROCESSING_VERSION = "1"
 
@@ -166,6 +166,17 @@ def crop_face(
     return np.asarray(crop)
 
 
+# below this standard deviation (grey levels, 0-255) a crop is blank: a placeholder avatar
+# or a solid image would normalise to all zeros, and any two of them would score 1.0
+MIN_FACE_STD = 1.0
+
+
+def _checked(face: np.ndarray, where: str) -> np.ndarray:
+    if float(np.asarray(face, dtype=np.float32).std()) < MIN_FACE_STD:
+        raise NoFaceFound(f"the face crop of this {where} is blank (no contrast)")
+    return normalise(face)
+
+
 def preprocess_image(
     data: bytes,
     params: PreprocessParams = DEFAULT_PARAMS,
@@ -179,13 +190,12 @@ def preprocess_image(
     img = _open(data, params)
     is_lfw = img.size == (params.lfw_size, params.lfw_size)
     if detect == "never" or (detect == "auto" and is_lfw):
-        return normalise(_lfw_crop(img, params))
-    size = img.size
+        return _checked(_lfw_crop(img, params), f"{img.size[0]}x{img.size[1]} image")
     gray = _detection_gray(img)
     box = detect_face_box(gray)
     if box is None:
-        raise NoFaceFound(f"no face found in a {size[0]}x{size[1]} image")
-    return normalise(crop_face(gray, box, params))
+        raise NoFaceFound(f"no face found in a {gray.shape[1]}x{gray.shape[0]} image")
+    return _checked(crop_face(gray, box, params), "photo")
 
 
 # Photos are searched for a face at most this big (longest side): a 40 Mpx photo would
@@ -203,9 +213,13 @@ def _detection_gray(img: Image.Image) -> np.ndarray:
     if scale < 1.0 and img.format == "JPEG":
         img.draft("L", target)  # picks the smallest DCT scale still >= target
     _load(img)
-    gray = img.convert("L")
+    # phone photos store the pixels sideways plus an EXIF Orientation tag: the frontal
+    # face detector needs the picture upright
+    gray = ImageOps.exif_transpose(img).convert("L")
     if max(gray.size) > DETECT_MAX_SIDE:
-        gray = gray.resize(target, Image.Resampling.BILINEAR)
+        s = DETECT_MAX_SIDE / max(gray.size)
+        size = (max(1, round(gray.width * s)), max(1, round(gray.height * s)))
+        gray = gray.resize(size, Image.Resampling.BILINEAR)
     return np.asarray(gray)
 
 

@@ -103,3 +103,27 @@ def test_a_big_photo_is_searched_at_reduced_size_with_the_same_result():
     a, b = preprocess_image(big), preprocess_image(small)
     assert a.shape == b.shape == DEFAULT_PARAMS.shape
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
+
+
+def test_a_blank_image_is_no_face_not_a_perfect_match():
+    """A solid 250x250 image takes the LFW fast path; its crop has no contrast, and would
+    normalise to zeros that score 1.0 against any other blank image."""
+    for img in (Image.new("RGB", (250, 250), (128, 128, 128)), Image.new("L", (250, 250), 0)):
+        with pytest.raises(NoFaceFound, match="blank"):
+            preprocess_image(_jpeg(img))
+
+
+def test_a_sideways_phone_photo_is_turned_upright_by_its_exif_tag():
+    face = Image.open(io.BytesIO(fake_face_jpeg(3, 1)))
+    canvas = Image.new("RGB", (500, 400), (120, 110, 100))
+    canvas.paste(face, (100, 60))
+    upright = preprocess_image(_jpeg(canvas))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    canvas.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", exif=exif.tobytes())
+    turned = preprocess_image(buf.getvalue())
+    # (re-encoding the rotated pixels moves the detected box by a pixel or two)
+    assert np.corrcoef(upright.ravel(), turned.ravel())[0, 1] > 0.85
+    with pytest.raises(NoFaceFound):  # the same pixels without the tag: sideways
+        preprocess_image(_jpeg(canvas.transpose(Image.Transpose.ROTATE_90)))
