@@ -53,10 +53,30 @@ start_bg() {
   shift 2
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
   setsid "$@" >>"$logfile" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  local pid=$!
+  echo "$pid $(proc_start "$pid")" >"$pidfile"
 }
 
 pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+# proc_start PID: the process's start time (clock ticks since boot), empty if gone. A pid
+# file records it, so a pid reused after a reboot is never mistaken for our process.
+proc_start() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  stat="${stat##*) }"  # drop "pid (comm) ": comm may hold spaces
+  awk '{print $20}' <<<"$stat"
+}
+
+# read_pid PIDFILE: the pid recorded in PIDFILE if that very process still runs, else "".
+read_pid() {
+  local pid start
+  [[ -f "$1" ]] || return 0
+  read -r pid start <"$1" || true
+  if pid_alive "$pid" && [[ -z "$start" || "$(proc_start "$pid")" == "$start" ]]; then
+    echo "$pid"
+  fi
+}
 
 # descendants PID: every process below PID (children first found, then theirs), one per line.
 descendants() {
@@ -100,8 +120,8 @@ kill_tree() {
 stop_pidfile() {
   local pidfile="$1" name="$2" pid
   [[ -f "$pidfile" ]] || return 0
-  pid="$(cat "$pidfile")"
-  if pid_alive "$pid"; then
+  pid="$(read_pid "$pidfile")"
+  if [[ -n "$pid" ]]; then
     log "stopping $name (process group $pid)"
     kill_tree "$pid" 15
   fi

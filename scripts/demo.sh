@@ -11,8 +11,8 @@ default_lfw_data_home
 export FACEREID_STORAGE_URI="${FACEREID_STORAGE_URI:-file://./var/storage}"
 export FACEREID_BACKEND="${FACEREID_BACKEND:-local}"
 
-server_pid="$(cat "$STACK_DIR/server.pid" 2>/dev/null || true)"
-if [[ -z "${PREFECT_API_URL:-}" ]] && pid_alive "$server_pid" && [[ -f "$STACK_DIR/api_url" ]]; then
+server_pid="$(read_pid "$STACK_DIR/server.pid")"
+if [[ -z "${PREFECT_API_URL:-}" && -n "$server_pid" && -f "$STACK_DIR/api_url" ]]; then
   export PREFECT_HOME="$VAR_DIR/prefect"
   PREFECT_API_URL="$(cat "$STACK_DIR/api_url")"
   export PREFECT_API_URL

@@ -6,5 +6,5 @@ source "$(dirname "$0")/common.sh"
 
 stop_pidfile "$STACK_DIR/worker.pid" "worker"
 stop_pidfile "$STACK_DIR/server.pid" "Prefect server"
-rm -f "$STACK_DIR/api_url"
+rm -f "$STACK_DIR/api_url" "$STACK_DIR/server.port" "$STACK_DIR/worker.env"
 log "local stack stopped"

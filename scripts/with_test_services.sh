@@ -21,7 +21,7 @@ started=()
 cleanup() {
   local rc=$?
   for pidfile in "${started[@]}"; do
-    [[ -f "$pidfile" ]] && kill_tree "$(cat "$pidfile")" 10
+    [[ -f "$pidfile" ]] && kill_tree "$(read_pid "$pidfile")" 10
   done
   rm -rf "$RUN_DIR/prefect-home"
   exit "$rc"
@@ -34,7 +34,7 @@ if [[ -z "${FACEREID_TEST_S3_ENDPOINT:-}" ]]; then
   port="$(free_port)"
   start_bg "$RUN_DIR/moto.pid" "$RUN_DIR/moto.log" "$VENV_BIN/moto_server" -H 127.0.0.1 -p "$port"
   started+=("$RUN_DIR/moto.pid")
-  wait_http "http://127.0.0.1:$port/moto-api/" 60 "$(cat "$RUN_DIR/moto.pid")" \
+  wait_http "http://127.0.0.1:$port/moto-api/" 60 "$(read_pid "$RUN_DIR/moto.pid")" \
     || { tail -n 20 "$RUN_DIR/moto.log" >&2; exit 1; }
   export FACEREID_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
   log "moto S3 server at $FACEREID_TEST_S3_ENDPOINT"
@@ -47,7 +47,7 @@ if [[ -z "${FACEREID_TEST_PREFECT_API_URL:-}" ]]; then
     env PREFECT_HOME="$RUN_DIR/prefect-home" PREFECT_UI_ENABLED=false \
     "$VENV_BIN/prefect" server start --host 127.0.0.1 --port "$port"
   started+=("$RUN_DIR/prefect.pid")
-  wait_http "http://127.0.0.1:$port/api/health" 180 "$(cat "$RUN_DIR/prefect.pid")" \
+  wait_http "http://127.0.0.1:$port/api/health" 180 "$(read_pid "$RUN_DIR/prefect.pid")" \
     || { tail -n 30 "$RUN_DIR/prefect.log" >&2; exit 1; }
   export FACEREID_TEST_PREFECT_API_URL="http://127.0.0.1:$port/api"
   log "Prefect server at $FACEREID_TEST_PREFECT_API_URL"
