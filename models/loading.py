@@ -133,8 +133,11 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
 def load_embedder(model_dir: str | Path, precision: str = "float32") -> LoadedEmbedder:
     """Read ``model.json`` and the weights next to it; TensorFlow is imported only for siamese.
 
-    ``precision`` applies to the Siamese network only (PCA is numpy float32 either way)."""
+    ``precision`` applies to the Siamese network only (PCA is numpy float32 either way).
+    Refuses a model trained on faces cut differently from what this code's preprocessing
+    produces: it would score every pair, and every score would be wrong."""
     meta = read_model_json(model_dir)
+    check_preprocessing(meta.get("preprocessing") or {}, str(model_dir))
     if meta["kind"] == "pca":
         from models.pca import PCAEmbedder
 
@@ -146,6 +149,27 @@ def load_embedder(model_dir: str | Path, precision: str = "float32") -> LoadedEm
     return LoadedEmbedder(
         kind=meta["kind"], threshold=float(meta["threshold"]), model=model, meta=meta
     )
+
+
+# the PreprocessParams fields that decide the pixels (the byte and pixel limits do not)
+PIXEL_FIELDS = ("version", "height", "width", "draft_scale", "crop_top", "crop_left")
+
+
+def check_preprocessing(recorded: dict[str, Any], where: str) -> None:
+    from models.preprocessing import DEFAULT_PARAMS
+
+    current = DEFAULT_PARAMS.to_dict()
+    differ = {
+        k: (recorded[k], current[k])
+        for k in PIXEL_FIELDS
+        if k in recorded and str(recorded[k]) != str(current[k])
+    }
+    if differ:
+        detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in differ.items())
+        raise ValueError(
+            f"the model in {where} was trained on other preprocessing than this code's "
+            f"({detail}); retrain it (or serve it with the code it was trained with)"
+        )
 
 
 # ---------------------------------------------------------------- dataset channel

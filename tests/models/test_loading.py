@@ -34,6 +34,21 @@ def test_load_embedder_errors_are_specific(tmp_path):
         load_embedder(tmp_path)
 
 
+def test_a_model_trained_on_other_preprocessing_is_refused(tmp_path):
+    from models.preprocessing import DEFAULT_PARAMS
+
+    faces, _, _ = make_faces(n_people=6, per_person=4)
+    model = PCAEmbedder(n_components=8, lda=False).fit(faces)
+    model.save(tmp_path)
+    params = DEFAULT_PARAMS.to_dict()
+    write_model_json(tmp_path, "pca", 0.42, model.embedding_dim_, {}, preprocessing=params)
+    assert load_embedder(tmp_path).kind == "pca"  # same preprocessing: fine
+    other = {**params, "crop_top": params["crop_top"] + 4, "max_bytes": 1}
+    write_model_json(tmp_path, "pca", 0.42, model.embedding_dim_, {}, preprocessing=other)
+    with pytest.raises(ValueError, match=r"other preprocessing than this code's \(crop_top"):
+        load_embedder(tmp_path)
+
+
 def test_read_channel_reads_faces_protocol_and_manifest(tmp_path):
     root = write_fake_channel(tmp_path, n_people=20, per_person=3)
     data = read_channel(root)
