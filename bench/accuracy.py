@@ -271,6 +271,10 @@ def seed_ensemble_fold(
 
 
 def _config_tag(name: str, args: argparse.Namespace) -> str:
+    return _model_tag(name, args) + ("_calho" if args.held_out_calibration else "")
+
+
+def _model_tag(name: str, args: argparse.Namespace) -> str:
     if name == "pca":
         return (
             f"pca_n{args.pca_components}_w{int(not args.pca_no_whiten)}_lda{args.pca_lda}"
@@ -328,6 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-flip-average", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore saved fold results")
     p.add_argument(
+        "--held-out-calibration",
+        action="store_true",
+        help="train fold k's model on 8 of the other people-folds and fit the threshold on\n"
+        "the pairs of the 9th, (k+1) %% 10, whose people it never saw (default: all 9, the\n"
+        "threshold fitted on their pairs)",
+    )
+    p.add_argument(
         "--seeds",
         default="",
         help="siamese only: score a seed ensemble of these seeds (e.g. 0,1); members are\n"
@@ -339,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         help="keep each fold's trained model in <out>/fold<k>_model/ (for later probes)",
     )
     args = p.parse_args(argv)
+    if args.held_out_calibration and args.seeds:
+        p.error("--held-out-calibration is not implemented for --seeds")
 
     ids, faces = load_faces(args.lfw_home, args.cache_dir)
     if args.cache_only:
@@ -388,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                     pairs,
                     k,
                     log=lambda m: print(m, flush=True),
+                    held_out_calibration=args.held_out_calibration,
                 )
                 _write_json(path, res)
             results.append(res)

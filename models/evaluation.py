@@ -238,9 +238,10 @@ TrainFn = Callable[[np.ndarray, np.ndarray], SupportsEmbed]
 
 
 def view2_training_image_ids(
-    image_ids: Names, people_fold: Mapping[str, int], fold: int
+    image_ids: Names, people_fold: Mapping[str, int], fold: int, held_out: int | None = None
 ) -> list[str]:
-    """Images a fold-``fold`` model may train on: people of the *other* nine people-folds.
+    """Images a fold-``fold`` model may train on: people of the *other* nine people-folds
+    (eight, when people-fold ``held_out`` is kept out to calibrate the threshold on).
 
     People missing from the people table are excluded (they belong to no fold, so their
     images cannot be proven disjoint from the scored fold).
@@ -248,7 +249,7 @@ def view2_training_image_ids(
     out = []
     for iid in image_ids:
         f = people_fold.get(person_of(iid))
-        if f is not None and int(f) != int(fold):
+        if f is not None and int(f) != int(fold) and (held_out is None or int(f) != held_out):
             out.append(iid)
     return out
 
@@ -276,19 +277,33 @@ def run_view2_fold(
     pairs: PairTable,
     fold: int,
     log: Callable[[str], None] = print,
+    held_out_calibration: bool = False,
 ) -> dict[str, Any]:
     """Train on the other nine people-folds, fit the threshold on the other nine pair-folds,
-    score pair-fold ``fold``. Returns the fold's figures plus its raw scores."""
+    score pair-fold ``fold``. Returns the fold's figures plus its raw scores.
+
+    ``held_out_calibration``: train on eight of them and fit the threshold on the pairs of
+    the ninth, people-fold ``(fold + 1) % n``, whose people the model never saw. A model
+    that fits its training people closely (a long-trained network) scores their pairs far
+    apart, so a threshold fitted on them does not carry over to unseen people."""
     ids = list(image_ids)
     row_of = {iid: r for r, iid in enumerate(ids)}
-    train_ids = view2_training_image_ids(ids, people_fold, fold)
-    scored_people = {
-        person_of(i)
-        for i in (*pairs.image_id_a[pairs.fold == fold], *pairs.image_id_b[pairs.fold == fold])
-    }
-    leaked = scored_people & {person_of(i) for i in train_ids}
-    if leaked:  # the protocol files themselves would be inconsistent
-        raise ValueError(f"fold {fold}: scored people in the training set: {sorted(leaked)[:5]}")
+    n_folds = int(pairs.fold.max()) + 1
+    calibration_fold = (fold + 1) % n_folds if held_out_calibration else None
+    train_ids = view2_training_image_ids(ids, people_fold, fold, calibration_fold)
+    train_people = {person_of(i) for i in train_ids}
+    for checked in (fold, calibration_fold):
+        if checked is None:
+            continue
+        in_fold = pairs.fold == checked
+        scored_people = {
+            person_of(i) for i in (*pairs.image_id_a[in_fold], *pairs.image_id_b[in_fold])
+        }
+        leaked = scored_people & train_people
+        if leaked:  # the protocol files themselves would be inconsistent
+            raise ValueError(
+                f"fold {checked}: scored people in the training set: {sorted(leaked)[:5]}"
+            )
     train_rows = np.array([row_of[i] for i in train_ids])
     labels = np.array([person_of(i) for i in train_ids], dtype=object)
     log(f"fold {fold}: training on {len(train_ids)} images of {len(set(labels))} people")
@@ -297,7 +312,7 @@ def run_view2_fold(
         np.asarray(faces[np.sort(train_rows)], dtype=np.float32), labels[np.argsort(train_rows)]
     )
     train_seconds = time.time() - t0
-    result = score_view2_fold(model, faces, row_of, pairs, fold)
+    result = score_view2_fold(model, faces, row_of, pairs, fold, calibration_fold)
     result.update(
         train_seconds=round(train_seconds, 2),
         n_train_images=len(train_ids),
@@ -316,15 +331,21 @@ def score_view2_fold(
     row_of: Mapping[str, int],
     pairs: PairTable,
     fold: int,
+    calibration_fold: int | None = None,
 ) -> dict[str, Any]:
-    """Score every pair with ``model``; threshold fitted on the other folds' pairs, figures
-    on pair-fold ``fold`` (plus its raw scores and labels)."""
+    """Score every pair with ``model``; threshold fitted on the other folds' pairs (only
+    pair-fold ``calibration_fold``'s, when given), figures on pair-fold ``fold`` (plus its
+    raw scores and labels)."""
     scores = _embed_pairs(model, faces, row_of, pairs)
     is_fold = pairs.fold == fold
-    threshold = fit_threshold(scores[~is_fold], pairs.label[~is_fold])
+    calibrate = ~is_fold if calibration_fold is None else pairs.fold == calibration_fold
+    if calibration_fold is not None and (calibration_fold == fold or not calibrate.any()):
+        raise ValueError(f"calibration fold {calibration_fold} must be another, non-empty fold")
+    threshold = fit_threshold(scores[calibrate], pairs.label[calibrate])
     result = verification_metrics(scores[is_fold], pairs.label[is_fold], threshold)
     result.update(
         fold=int(fold),
+        calibration_fold=None if calibration_fold is None else int(calibration_fold),
         scores=[round(float(s), 6) for s in scores[is_fold]],
         labels=[int(v) for v in pairs.label[is_fold]],
     )

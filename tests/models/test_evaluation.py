@@ -141,6 +141,32 @@ def test_view2_training_ids_never_include_the_scored_fold(fake_view2):
         assert len(train_ids) == 27 * 6  # everyone else's images
 
 
+def test_held_out_calibration_keeps_two_folds_out_of_training(fake_view2):
+    """Fold k's model never sees fold k or its calibration fold; the threshold is the one
+    fitted on the calibration fold's pairs alone."""
+    from models.evaluation import _embed_pairs, fit_threshold, run_view2_fold
+
+    faces, ids, people_fold, pairs = fake_view2
+    by_bytes = {faces[k].tobytes(): person_of(i) for k, i in enumerate(ids)}
+    models = []
+
+    def train_fn(train_faces, labels):
+        model = PCAEmbedder(n_components=20, lda=False).fit(train_faces, labels)
+        models.append(({by_bytes[f.tobytes()] for f in train_faces}, model))
+        return model
+
+    for fold in (0, 9):
+        res = run_view2_fold(train_fn, faces, ids, people_fold, pairs, fold, lambda m: None, True)
+        calibration = (fold + 1) % 10
+        people, model = models[-1]
+        assert res["calibration_fold"] == calibration
+        assert not people & {p for p, f in people_fold.items() if f in (fold, calibration)}
+        assert res["n_train_people"] == 24  # eight folds of three
+        scores = _embed_pairs(model, faces, {i: r for r, i in enumerate(ids)}, pairs)
+        cal = pairs.fold == calibration
+        assert res["threshold"] == pytest.approx(fit_threshold(scores[cal], pairs.label[cal]))
+
+
 def test_run_view2_fits_only_on_other_folds(fake_view2):
     faces, ids, people_fold, pairs = fake_view2
     seen: list[set[str]] = []
