@@ -313,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--lfw-home", type=Path, default=DEFAULT_LFW)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "cache" / "bench")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "var" / "bench")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="fold results (JSON, committed: a later session resumes from them); kept\n"
+        "models (--save-models) go there too but are git-ignored",
+    )
     p.add_argument("--cache-only", action="store_true", help="only build the faces cache")
     p.add_argument("--models", default="pca,siamese")
     p.add_argument("--folds", default="0,1,2,3,4,5,6,7,8,9")
