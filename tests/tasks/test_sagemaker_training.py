@@ -293,9 +293,7 @@ def test_local_storage_is_refused(local_storage, tmp_path: Path) -> None:
 
 def test_wait_timeout_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Path) -> None:
     """A job still InProgress when the wait gives up is stopped and reported."""
-    from models.source_dir import stage_source_dir
-    from tasks.backends.sagemaker_common import make_sagemaker_session
-    from tasks.backends.sagemaker_training import build_model_trainer, wait_for_job
+    from tasks.backends.sagemaker_training import wait_for_job
 
     boto_session = moto_boto_session(moto_endpoint)
     answer, calls = canned_describe(
@@ -307,19 +305,7 @@ def test_wait_timeout_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Pa
         "before-parameter-build.sagemaker.StopTrainingJob",
         lambda params, **_: stopped.append(params["TrainingJobName"]),
     )
-    trainer = build_model_trainer(
-        model="pca",
-        source_dir=stage_source_dir(tmp_path / "src"),
-        hyperparameters={},
-        storage=s3_storage,
-        sagemaker_session=make_sagemaker_session(boto_session, s3_storage.bucket, "root/jobs"),
-        role_arn=ROLE,
-        instance_type="ml.m5.xlarge",
-        region="us-east-1",
-        max_runtime_s=60,
-    )
-    trainer.train(wait=False, logs=False)
-    job = trainer._latest_training_job
+    job = _started_job(s3_storage, boto_session, tmp_path)
     with pytest.raises(TrainingJobFailed, match="timeout") as err:
         wait_for_job(job, timeout_s=0, poll_s=0, log=lambda _: None)
     assert stopped == [job.training_job_name]
