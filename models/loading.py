@@ -20,7 +20,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.evaluation import PairTable, evaluate_candidate, run_view2, score_pairs
+from models.evaluation import (
+    CALIBRATIONS,
+    OTHER_FOLDS,
+    PairTable,
+    evaluate_candidate,
+    run_view2,
+    score_pairs,
+)
 
 MODEL_JSON = "model.json"
 METRICS_JSON = "metrics.json"
@@ -305,6 +312,7 @@ def evaluate_on_channel(
     seed: int,
     view2_folds: int,
     log: Callable[[str], None],
+    view2_calibration: str = OTHER_FOLDS,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """What every entry point reports: the candidate's val/test figures and, when asked
     and the channel has the protocol, the View 2 folds (``fit`` trains a fresh model)."""
@@ -317,7 +325,7 @@ def evaluate_on_channel(
     )
     view2 = None
     if view2_folds > 0 and "pairs_view2" in data.protocol:
-        log(f"LFW View 2 protocol over {view2_folds} folds")
+        log(f"LFW View 2 protocol over {view2_folds} folds ({view2_calibration} calibration)")
         view2 = run_view2(
             fit,
             data.faces,
@@ -326,12 +334,15 @@ def evaluate_on_channel(
             data.pair_table("pairs_view2"),
             folds=range(view2_folds),
             log=log,
+            calibration=view2_calibration,
         )
         log(f"View 2: {100 * view2['accuracy_mean']:.2f} ± {100 * view2['accuracy_se']:.2f} %")
     return evaluation, view2
 
 
-def add_script_mode_args(p: argparse.ArgumentParser, *, view2_folds: int, seed: int) -> None:
+def add_script_mode_args(
+    p: argparse.ArgumentParser, *, view2_folds: int, seed: int, view2_calibration: str
+) -> None:
     """Flags every entry point shares: evaluation, seed and the SageMaker ``SM_*`` dirs
     (env with local defaults, as in the TF2 script-mode examples)."""
     p.add_argument(
@@ -343,6 +354,14 @@ def add_script_mode_args(p: argparse.ArgumentParser, *, view2_folds: int, seed: 
         type=int,
         default=view2_folds,
         help="0 = skip the View 2 protocol",
+    )
+    p.add_argument(
+        "--view2-calibration",
+        "--view2_calibration",
+        choices=CALIBRATIONS,
+        default=view2_calibration,
+        help="View 2 threshold: fitted on the pairs of the nine folds the model trained on "
+        "(other-folds), or train on eight and fit it on the ninth's pairs (held-out)",
     )
     p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--model-dir", default=os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
+from models.evaluation import OTHER_FOLDS  # noqa: E402
 from models.face_features import DEFAULT_FEATURES, FEATURES  # noqa: E402
 from models.loading import (  # noqa: E402
     add_script_mode_args,
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
     p.add_argument("--flip-augment", "--flip_augment", type=str2bool, default=True)
-    add_script_mode_args(p, view2_folds=10, seed=0)
+    add_script_mode_args(p, view2_folds=10, seed=0, view2_calibration=OTHER_FOLDS)
     return parse_script_args(p, argv)
 
 
@@ -83,6 +84,7 @@ def hyperparameters(args: argparse.Namespace) -> dict:
         "flip_augment": args.flip_augment,
         "eval_pairs": args.eval_pairs,
         "view2_folds": args.view2_folds,
+        "view2_calibration": args.view2_calibration,
         "seed": args.seed,
     }
 
@@ -126,6 +128,7 @@ def train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         view2_folds=args.view2_folds,
         log=log,
+        view2_calibration=args.view2_calibration,
     )
     model.save(args.model_dir)
     metrics = write_training_outputs(

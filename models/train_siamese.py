@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the sibling `models` pack
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here if (here / "models").is_dir() else here.parent))
 
+from models.evaluation import HELD_OUT  # noqa: E402
 from models.loading import (  # noqa: E402
     add_script_mode_args,
     evaluate_on_channel,
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="1 = write savedmodel/1/",
     )
-    add_script_mode_args(p, view2_folds=0, seed=d.seed)
+    add_script_mode_args(p, view2_folds=0, seed=d.seed, view2_calibration=HELD_OUT)
     args = parse_script_args(p, argv)
     return args
 
@@ -127,11 +128,13 @@ def train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         view2_folds=args.view2_folds,
         log=log,
+        view2_calibration=args.view2_calibration,
     )
     model.save(args.model_dir, export_savedmodel=bool(args.export_savedmodel))
     hyper = config.to_dict() | {
         "eval_pairs": args.eval_pairs,
         "view2_folds": args.view2_folds,
+        "view2_calibration": args.view2_calibration,
         "epochs_trained": model.epochs_trained_,
     }
     hyper.pop("extra", None)

@@ -326,6 +326,7 @@ def render_report(
         view2 = m.get("view2") or {}
         v2 = (
             f"{_pct(view2.get('accuracy_mean'))} ± {_pct(view2.get('accuracy_se'))}"
+            f" ({view2.get('calibration', 'other-folds')} threshold)"
             if view2
             else "not run"
         )

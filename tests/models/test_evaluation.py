@@ -185,6 +185,36 @@ def test_run_view2_fits_only_on_other_folds(fake_view2):
     assert {"accuracy_se", "accuracy_std", "auc_mean", "auc_pooled", "tar_at_far_1e-3"} <= set(
         result
     )
+    assert result["calibration"] == "other-folds"
+    assert all(f["calibration_fold"] is None for f in result["per_fold"])
+
+
+def test_run_view2_held_out_calibration_trains_without_two_folds(fake_view2):
+    faces, ids, people_fold, pairs = fake_view2
+    by_bytes = {faces[k].tobytes(): person_of(i) for k, i in enumerate(ids)}
+    seen: list[set[str]] = []
+
+    def train_fn(train_faces, labels):
+        seen.append({by_bytes[f.tobytes()] for f in train_faces})
+        return PCAEmbedder(n_components=20, lda=False).fit(train_faces, labels)
+
+    result = run_view2(
+        train_fn,
+        faces,
+        ids,
+        people_fold,
+        pairs,
+        folds=[8, 9],
+        log=lambda m: None,
+        calibration="held-out",
+    )
+    assert result["calibration"] == "held-out" and result["folds"] == [8, 9]
+    assert [f["calibration_fold"] for f in result["per_fold"]] == [9, 0]
+    for people, kept_out in zip(seen, ({8, 9}, {9, 0}), strict=True):
+        assert not people & {p for p, f in people_fold.items() if f in kept_out}
+        assert len(people) == 24
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        run_view2(train_fn, faces, ids, people_fold, pairs, folds=[0], calibration="val")
 
 
 def test_run_view1_rejects_overlapping_people_and_scores_test_pairs(fake_view2):

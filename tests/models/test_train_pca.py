@@ -88,6 +88,8 @@ def test_train_pca_as_module_from_repo_root(opt_ml):
         Path(env["SM_CHANNEL_TRAIN"]),
     )
     assert metrics["view2"]["n_folds"] == 10 and metrics["accuracy"] > 0.8
+    assert metrics["view2"]["calibration"] == "other-folds"  # the PCA entry point's default
+    assert metrics["hyperparameters"]["view2_calibration"] == "other-folds"
     assert metrics["hyperparameters"]["n_components"] == 20
     assert (Path(env["SM_MODEL_DIR"]) / "pca.npz").exists()
 

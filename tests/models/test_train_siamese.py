@@ -87,4 +87,7 @@ def test_train_siamese_as_module_runs_view2(opt_ml):  # noqa: F811
         Path(env["SM_CHANNEL_TRAIN"]),
     )
     assert metrics["view2"]["n_folds"] == 2 and metrics["view2"]["folds"] == [0, 1]
+    # the Siamese entry point fits each fold's threshold on the next fold's unseen people
+    assert metrics["view2"]["calibration"] == "held-out"
+    assert [f["calibration_fold"] for f in metrics["view2"]["per_fold"]] == [1, 2]
     assert not (Path(env["SM_MODEL_DIR"]) / "savedmodel").exists()
