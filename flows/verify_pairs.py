@@ -12,10 +12,12 @@ from prefect import flow, get_run_logger
 
 from core.ledger import ListVersionGone
 from core.pairlists import PairListError
+from core.registry import RegistryError
 from core.settings import PRECISIONS, get_settings
 from core.storage import storage_from_uri
 from tasks.verify import (
     check_list_key,
+    check_pair_list_task,
     find_pending_lists,
     load_production_model_task,
     local_embed_unique,
@@ -76,13 +78,17 @@ def verify_pairs(
     if not pending:
         logger.info("no unprocessed pair lists under %s", storage.url_for("incoming/"))
         return out
-    pointer, embedder = load_production_model_task(
-        storage,
-        model_name,
-        str(settings.cache_path / "models"),
-        backend == "local",
-        precision=precision,
-    )
+    try:
+        pointer, embedder = load_production_model_task(
+            storage,
+            model_name,
+            str(settings.cache_path / "models"),
+            backend == "local",
+            precision=precision,
+        )
+    except RegistryError:
+        _reject_unparseable(storage, pending, out, logger)
+        raise
     threshold = float(pointer["threshold"])
     # what actually computes the embeddings: PCA has one precision; the sagemaker backend
     # serves the float32 SavedModel; the local Siamese resolves "auto" on this machine
@@ -141,6 +147,25 @@ def verify_pairs(
     if out["failed"]:
         raise RuntimeError(f"{len(out['failed'])} list(s) failed: {out['failed']}")
     return out
+
+
+def _reject_unparseable(storage: Any, pending: list[Any], out: dict[str, Any], logger: Any) -> None:
+    """No model to verify with: still reject the lists that cannot be parsed (their authors
+    learn now, not after the first promotion); the others wait in incoming/."""
+    for info in pending:
+        try:
+            error = check_pair_list_task(storage, info)
+        except Exception as exc:  # the run fails on the missing model anyway
+            logger.warning("could not check %s: %s", info.key, exc)
+            continue
+        if error is not None:
+            _reject(storage, info, error, out, logger)
+    waiting = len(pending) - len(out["rejected"])
+    logger.error(
+        "no model to verify with: %d list(s) rejected as unparseable, %d wait in incoming/",
+        len(out["rejected"]),
+        waiting,
+    )
 
 
 def _reject(storage: Any, info: Any, error: str, out: dict[str, Any], logger: Any) -> None:

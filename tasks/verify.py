@@ -710,6 +710,17 @@ def verify_list(
     return result_entry(job, metrics, seconds, "")
 
 
+def check_pair_list(storage: Any, info: ObjectInfo, work_dir: Path) -> None:
+    """Read a list version through without verifying it: PairListError if unparseable.
+
+    Used when there is no model to verify with, so a bad drop is still rejected at once
+    (and its author told why) instead of waiting for the first promotion."""
+    fmt = list_format(info.key)
+    local = download_list_version(storage, info, work_dir / f"list.{fmt}")
+    for _ in iter_pair_chunks(local, fmt, source=info.key):
+        pass
+
+
 def record_in_ledger(storage: Any, job: ListJob, entry: dict[str, Any]) -> bool:
     return record_processed(storage, job.info.key, job.info.etag, entry)
 
@@ -793,6 +804,20 @@ def verify_pair_list(
         entry = verify_list(storage, job, threshold, embed_unique, allowed_prefixes, Path(tmp))
     entry["backend"] = backend
     return entry
+
+
+@task(name="check_pair_list", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def check_pair_list_task(storage: Any, info: ObjectInfo) -> str | None:
+    """The PairListError message of an unparseable list version, None if it parses.
+    Other failures (I/O, a version replaced meanwhile) raise as usual."""
+    from core.pairlists import PairListError
+
+    with tempfile.TemporaryDirectory(prefix="check-") as tmp:
+        try:
+            check_pair_list(storage, info, Path(tmp))
+        except PairListError as exc:
+            return str(exc)
+    return None
 
 
 @task(name="reject_pair_list", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)

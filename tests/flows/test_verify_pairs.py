@@ -372,6 +372,23 @@ def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir
     assert [p["list_key"] for p in _run()["processed"]] == ["incoming/one.csv"]
 
 
+def test_without_a_model_bad_lists_are_still_rejected(local_storage, settings_env):
+    """Nothing promoted yet: the run fails on that, but an unparseable drop is rejected now
+    and a good one waits in incoming/ for the first model."""
+    from core.registry import RegistryError
+
+    storage = local_storage
+    settings_env(storage)
+    storage.put_bytes("incoming/good.csv", _csv([["image_a", "image_b"], ["a.jpg", "b.jpg"]]))
+    storage.put_bytes("incoming/bad.csv", b"name;score\nfoo;1\n")
+    with pytest.raises(RegistryError, match="no promoted model"):
+        _run()
+    assert [i.key for i in incoming_lists(storage)] == ["incoming/good.csv"]
+    report = json.loads(storage.get_bytes("rejected/bad.csv.error.json"))
+    assert report["list_key"] == "incoming/bad.csv" and "image_a" in report["error"]
+    assert not list(storage.list("results/"))
+
+
 def _events_for(key: str) -> list:
     import time
 
