@@ -242,7 +242,7 @@ def seed_ensemble_fold(
     members, member_acc, train_seconds = [], {}, 0.0
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         margs = _with_seed(args, seed)
-        kept = args.out_dir / _config_tag("siamese", margs) / f"fold{fold}_model"
+        kept = kept_fold_model(_config_tag("siamese", margs), fold, args.out_dir)
         own = out / f"seed{seed}_fold{fold}_model"
         model_dir = kept if (kept / "model.keras").exists() else own
         member_json = model_dir.parent / (
@@ -268,6 +268,21 @@ def seed_ensemble_fold(
         flush=True,
     )
     return result
+
+
+RESULTS_DIR = ROOT / "bench" / "results"
+LEGACY_DIR = ROOT / "var" / "bench"  # the default --out-dir before session 5
+
+
+def kept_fold_model(tag: str, fold: int, out_dir: Path = RESULTS_DIR) -> Path:
+    """Where ``--save-models`` kept fold ``fold``'s model of config ``tag``: under
+    ``out_dir`` or, for runs made before results moved, under var/bench/. A path under
+    ``out_dir`` when neither has one (the caller trains, or reports it missing)."""
+    for base in (out_dir, LEGACY_DIR):
+        model_dir = base / tag / f"fold{fold}_model"
+        if (model_dir / "model.keras").exists():
+            return model_dir
+    return out_dir / tag / f"fold{fold}_model"
 
 
 def _config_tag(name: str, args: argparse.Namespace) -> str:
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out-dir",
         type=Path,
-        default=ROOT / "bench" / "results",
+        default=RESULTS_DIR,
         help="fold results (JSON, committed: a later session resumes from them); kept\n"
         "models (--save-models) go there too but are git-ignored",
     )

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.accuracy import DEFAULT_LFW, load_faces, protocol_view2  # noqa: E402
+from bench.accuracy import DEFAULT_LFW, kept_fold_model, load_faces, protocol_view2  # noqa: E402
 from models.evaluation import score_view2_fold  # noqa: E402
 from models.loading import MODEL_JSON, write_model_json  # noqa: E402
 from models.siamese import SiameseEmbedder, bfloat16_supported  # noqa: E402
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "cache" / "bench")
     p.add_argument("--tag", default="siamese_e30_t1200.0_", help="bench.accuracy result dir")
     args = p.parse_args(argv)
-    model_dir = args.model_dir or ROOT / "var" / "bench" / args.tag / f"fold{args.fold}_model"
+    model_dir = args.model_dir or kept_fold_model(args.tag, args.fold)
     if not (model_dir / "model.keras").exists():
         p.error(f"no saved model in {model_dir} (run bench.accuracy with --save-models)")
     ids, faces = load_faces(args.lfw_home, args.cache_dir)
