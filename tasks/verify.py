@@ -274,7 +274,11 @@ def fetch_image_bytes(
 
 
 def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
-    """Fetch + preprocess one image; every failure becomes a status, never an exception."""
+    """Fetch + preprocess one image; what is wrong with the image becomes a status.
+
+    A storage failure that outlived the retries (throttling, expired credentials, access
+    denied) raises: the list fails and the next run retries it, rather than its rows being
+    recorded for good as ``missing_image``."""
     from models.preprocessing import DEFAULT_PARAMS, ImageError, preprocess_image
 
     try:
@@ -283,8 +287,8 @@ def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
         return ref.cache_id, None, "missing_image", f"{ref.raw}: no such object"
     except ObjectTooLarge as exc:
         return ref.cache_id, None, "unreadable_image", f"{ref.raw}: {exc}"
-    except Exception as exc:  # StorageError after retries, or anything unforeseen
-        return ref.cache_id, None, "missing_image", f"{ref.raw}: could not fetch: {exc}"
+    except StorageError as exc:
+        raise StorageError(f"fetching image {ref.raw!r}: {exc}") from exc
     try:
         face = preprocess_image(data, detect=detect)  # type: ignore[arg-type]
         return ref.cache_id, face, "ok", ""

@@ -336,6 +336,41 @@ def test_crash_between_results_and_ledger(world, monkeypatch):
     assert _run()["processed"] == []
 
 
+def test_storage_failure_on_an_image_fails_the_list_for_a_retry(world, monkeypatch):
+    """Throttling that outlives the retries is not a ``missing_image``: the list fails,
+    nothing is published or recorded, and the next run verifies it."""
+    from prefect.states import State
+
+    from core.storage import S3Storage, StorageError
+    from flows.verify_pairs import verify_pairs
+
+    storage, _, _ = world
+    rows = [["pair_id", "image_a", "image_b"], ["a", "images/p1_0.jpg", "images/p1_1.jpg"]]
+    storage.put_bytes("incoming/throttled.csv", _csv(rows))
+    info = storage.head("incoming/throttled.csv")
+    real_get = S3Storage.get_bytes
+    calls: list[str] = []
+
+    def throttled(self, key, max_bytes=None):
+        if key == "images/p1_0.jpg":
+            calls.append(key)
+            raise StorageError("S3 error SlowDown on images/p1_0.jpg")
+        return real_get(self, key, max_bytes=max_bytes)
+
+    monkeypatch.setattr(S3Storage, "get_bytes", throttled)
+    state: State = verify_pairs(list_key=info.key, return_state=True)
+    assert state.is_failed() and "SlowDown" in str(state.message)
+    assert len(calls) == 3  # fetch_image_bytes retried before giving up
+    assert not list(storage.list("results/throttled/"))
+    assert not storage.exists(ledger_key(info.key, info.etag))
+
+    monkeypatch.undo()
+    again = _run(list_key=info.key)
+    assert again["processed"][0]["metrics"]["status_counts"]["ok"] == 1
+    _, table = _results(storage, "throttled")
+    assert table.column("status").to_pylist() == ["ok"]
+
+
 def _only_run_id(storage) -> str:
     (key,) = [i.key for i in storage.list("results/crashy/") if i.key.endswith(".parquet")]
     return key.rsplit("/", 1)[-1].removesuffix(".parquet")
