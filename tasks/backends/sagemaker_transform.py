@@ -322,6 +322,19 @@ def outputs_complete(storage: Any, plan: TransformInput) -> bool:
     return bool(done.get("inputs_sha256") == plan.sha256)
 
 
+def clear_previous_job(storage: Any, plan: TransformInput) -> None:
+    """Before a new job: drop the last job's ``done.json`` and outputs, and input shards
+    this plan does not have. A new job that then fails part-way leaves no output a later
+    run could take for finished, and no stale shard is embedded again."""
+    storage.delete(plan.done_key)
+    wanted = {f"{plan.input_prefix}{name}" for name, _ in plan.shards}
+    for info in list(storage.list(plan.prefix)):
+        if info.key.startswith(plan.output_prefix) or (
+            info.key.startswith(plan.input_prefix) and info.key not in wanted
+        ):
+            storage.delete(info.key)
+
+
 def embed_with_transform(
     storage: Any,
     pointer: dict[str, Any],
@@ -352,6 +365,7 @@ def embed_with_transform(
     if outputs_complete(storage, plan):
         log(f"[sagemaker] reusing finished transform output under {prefix}")
     else:
+        clear_previous_job(storage, plan)
         boto_session = boto_session or make_boto_session(region, endpoints)
         archive, kind = repack_with_serving_code(storage.get_bytes(pointer["artifact_key"]))
         # one archive and one SageMaker Model per (version, serving code): a changed

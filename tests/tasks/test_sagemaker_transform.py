@@ -172,6 +172,12 @@ def test_pca_transform_requests_and_scoring(s3_storage, moto_endpoint, pca_model
     session.events.register(
         "after-call.sagemaker.CreateTransformJob", pca_container(session, captured, tmp_path)
     )
+    watched: list[str] = []  # job prefixes whose objects are listed as each job starts
+    at_start: list[list[str]] = []
+    session.events.register(  # before any client exists: clients copy the handlers
+        "before-call.sagemaker.CreateTransformJob",
+        lambda **_: at_start.extend(sorted(i.key for i in storage.list(p)) for p in watched),
+    )
     logs: list[str] = []
 
     def embed_unique(unique, progress):
@@ -235,6 +241,20 @@ def test_pca_transform_requests_and_scoring(s3_storage, moto_endpoint, pca_model
     b = preprocess_image(storage.get_bytes("images/p0_1.jpg"))
     ea, eb = local.embed(np.stack([a, b]))
     assert by_id["s0"]["score"] == pytest.approx(float(ea @ eb), abs=1e-5)
+
+    # back to the first bytes: done.json describes job 2's inputs, so a third job runs, and
+    # it starts with no done.json, no output and no stale input shard under the prefix (a
+    # job failing part-way can never leave output that a later run takes for finished)
+    (done_key,) = [i.key for i in storage.list("transform/") if i.key.endswith("/done.json")]
+    job_prefix = done_key.removesuffix("done.json")
+    storage.put_bytes(f"{job_prefix}input/part-00099.jsonl", b"stale\n")
+    watched.append(job_prefix)
+    storage.put_bytes("images/p0_0.jpg", fake_face_jpeg(1, 20))
+    entry3 = verify_list(storage, job, pointer["threshold"], embed_unique, ["images/"], tmp_path)
+    assert len(captured["CreateTransformJob"]) == 3
+    assert at_start == [[f"{job_prefix}input/part-{n:05d}.jsonl" for n in range(3)]]
+    assert entry3["metrics"]["status_counts"] == entry["metrics"]["status_counts"]
+    assert storage.exists(done_key)
 
 
 def test_failed_transform_surfaces_reason():
