@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.ledger import INCOMING, is_processed
-from core.pairlists import PairListError, is_pair_list, list_format, validate_pair_list
+from core.pairlists import is_pair_list, list_format, validate_pair_list
 from core.storage import ObjectNotFound, valid_key
 
 
@@ -40,22 +40,27 @@ def drop_pair_list(
     if not local_path.is_file():
         raise ValueError(f"{local_path} is not a file")
     key = incoming_key(local_path, name)
-    report = validate_pair_list(local_path, list_format(key))
-    if report.rows == 0:
-        raise PairListError(f"{local_path}: the list has a header but no rows")
-    if not force:
+    report = validate_pair_list(local_path, list_format(key))  # no rows: PairListError
+    content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
+    if force:
+        storage.put_bytes(key, local_path.read_bytes(), content_type)
+    else:
+        unverified = FileExistsError(
+            f"{storage.url_for(key)} holds a list no run has verified yet; replacing it "
+            "means it is never verified. Wait for the next run, pick another name, or "
+            "pass --force."
+        )
         try:
             current = storage.head(key)
         except ObjectNotFound:
             current = None
         if current is not None and not is_processed(storage, key, current.etag):
-            raise FileExistsError(
-                f"{storage.url_for(key)} holds a list no run has verified yet; replacing it "
-                "means it is never verified. Wait for the next run, pick another name, or "
-                "pass --force."
-            )
-    content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
-    storage.put_bytes(key, local_path.read_bytes(), content_type)
+            raise unverified
+        # conditional on what was checked: of two drops racing to one name, one lands and
+        # the other is refused, instead of silently replacing the first
+        etag = current.etag if current else None
+        if not storage.put_if_match(key, local_path.read_bytes(), etag, content_type):
+            raise unverified
     if is_processed(storage, key, storage.head(key).etag):
         stem = key[len(INCOMING) :].rsplit(".", 1)[0]
         print(

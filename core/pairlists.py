@@ -107,6 +107,44 @@ def _parse_label(value: Any) -> tuple[int, str]:
     return NO_LABEL, f"label must be 0 or 1, got {str(value)[:40]!r}"
 
 
+MALFORMED = "malformed CSV"
+
+
+def _pair_id_text(value: Any) -> str:
+    """A pair id as text; a missing one (None, NaN) is blank. Whole-number floats, which
+    is what pandas writes for an integer column with gaps, keep their integer spelling, so
+    results join back on the ids the user wrote."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return ""
+        if value.is_integer():
+            return str(int(value))
+    return str(value).strip()
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int]:
+    """(byte offset, 1-based line) of the first byte that is not UTF-8 in ``path``."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 16):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                # exc.start counts from the bytes the decoder still held plus this block
+                held = len(exc.object) - len(block)
+                bad = offset - held + exc.start
+                fh.seek(0)
+                return bad, fh.read(bad).count(b"\n") + 1
+            offset += len(block)
+            line += block.count(b"\n")
+    return offset, line
+
+
 class _ChunkBuilder:
     """Accumulates rows, fills default pair ids, flags bad rows and duplicate ids."""
 
@@ -127,7 +165,7 @@ class _ChunkBuilder:
     def add(self, pair_id: Any, a: Any, b: Any, label: Any, error: str = "") -> None:
         row = self.next_row
         self.next_row += 1
-        pid = "" if pair_id is None else str(pair_id).strip()
+        pid = _pair_id_text(pair_id)
         defaulted = not pid
         if defaulted:
             pid = str(row)
@@ -138,6 +176,8 @@ class _ChunkBuilder:
         if lab_err:
             errors.append(lab_err)
         for name, value in (("image_a", a), ("image_b", b)):
+            if error.startswith(MALFORMED):
+                break  # the line's fields are unknown, not empty
             if value is None or (isinstance(value, str) and not value.strip()):
                 errors.append(f"{name} is empty")
         key = hash(pid)
@@ -187,6 +227,7 @@ def _check_header(columns: list[str], source: str) -> dict[str, int]:
 
 
 def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
+    start_line = 1  # first line of the record being read
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, strict=True)
@@ -199,7 +240,18 @@ def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
             width = len(header)
             ia, ib = cols["image_a"], cols["image_b"]
             ip, il = cols.get("pair_id"), cols.get("label")
-            for fields in reader:
+            while True:
+                start_line = reader.line_num + 1
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    if "unexpected end of data" in str(exc):  # a quote opened, never closed:
+                        raise  # every later line was read into one field
+                    # the reader drops the rest of the line and goes on with the next
+                    builder.add(None, "", "", None, f"{MALFORMED} at line {start_line}: {exc}")
+                    continue
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue  # blank line
                 err = ""
@@ -215,10 +267,24 @@ def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
                     yield builder.flush()
             if len(builder):
                 yield builder.flush()
+            _check_not_empty(builder, source)
     except UnicodeDecodeError as exc:
-        raise PairListError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        offset, line = _first_bad_utf8(path)
+        raise PairListError(
+            f"{source}: not UTF-8 text ({exc.reason} at byte {offset}, line {line})"
+        ) from exc
     except csv.Error as exc:
-        raise PairListError(f"{source}: malformed CSV: {exc}") from exc
+        where = (
+            f"a quoted field opened at line {start_line} is never closed"
+            if "unexpected end of data" in str(exc)
+            else f"line {start_line}"
+        )
+        raise PairListError(f"{source}: {MALFORMED}: {exc} ({where})") from exc
+
+
+def _check_not_empty(builder: _ChunkBuilder, source: str) -> None:
+    if builder.next_row == 0:
+        raise PairListError(f"{source}: the list has a header but no rows")
 
 
 def _text_or_none(value: Any) -> Any:
@@ -258,6 +324,7 @@ def _iter_parquet(path: Path, chunk_rows: int, source: str) -> Iterator[PairChun
         raise PairListError(f"{source}: Parquet data cannot be read: {exc}") from exc
     if len(builder):
         yield builder.flush()
+    _check_not_empty(builder, source)
 
 
 def iter_pair_chunks(

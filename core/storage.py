@@ -73,8 +73,10 @@ class Storage(Protocol):
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None: ...
     def put_file(self, key: str, local: Path, content_type: str | None = None) -> None: ...
-    def put_if_absent(self, key: str, data: bytes) -> bool: ...
-    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool: ...
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool: ...
+    def put_if_match(
+        self, key: str, data: bytes, etag: str | None, content_type: str | None = None
+    ) -> bool: ...
     def exists(self, key: str) -> bool: ...
     def head(self, key: str) -> ObjectInfo: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
@@ -177,7 +179,7 @@ class LocalStorage(_ParquetMixin):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -191,7 +193,9 @@ class LocalStorage(_ParquetMixin):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+    def put_if_match(
+        self, key: str, data: bytes, etag: str | None, content_type: str | None = None
+    ) -> bool:
         """Compare-and-swap: replace ``key`` only while its ETag is ``etag`` (None: only
         while it does not exist). A lock file serialises the writers that use this."""
         import fcntl
@@ -317,6 +321,10 @@ def _local_error(exc: OSError, url: str) -> StorageError:
     return StorageError(f"cannot read {url}: {exc}")
 
 
+def _content_type(content_type: str | None) -> dict[str, str]:
+    return {"ContentType": content_type} if content_type else {}
+
+
 def _range_total(content_range: str | None, length: int) -> int:
     """Total object size from a ``bytes 0-N/TOTAL`` Content-Range (no header: whole body)."""
     if content_range and "/" in content_range:
@@ -411,25 +419,29 @@ class S3Storage(_ParquetMixin):
     def put_file(self, key: str, local: Path, content_type: str | None = None) -> None:
         """boto3's managed upload (multipart for big files): the object only appears when
         the upload completes, so there is never a partial object under ``key``."""
-        extra = {"ContentType": content_type} if content_type else {}
+        extra = _content_type(content_type)
         try:
             self.client.upload_file(str(local), self.bucket, self._key(key), ExtraArgs=extra)
         except Exception as exc:
             raise self._wrap(exc, key) from exc
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        extra = {"ContentType": content_type} if content_type else {}
+        extra = _content_type(content_type)
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
         except Exception as exc:
             raise self._wrap(exc, key) from exc
 
-    def put_if_absent(self, key: str, data: bytes) -> bool:
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
         from botocore.exceptions import ClientError
 
         try:
             self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                IfNoneMatch="*",
+                **_content_type(content_type),
             )
             return True
         except ClientError as exc:
@@ -440,16 +452,22 @@ class S3Storage(_ParquetMixin):
         except Exception as exc:
             raise self._wrap(exc, key) from exc
 
-    def put_if_match(self, key: str, data: bytes, etag: str | None) -> bool:
+    def put_if_match(
+        self, key: str, data: bytes, etag: str | None, content_type: str | None = None
+    ) -> bool:
         """Compare-and-swap via S3's conditional write (``If-Match``); None: only while
         ``key`` does not exist. False when another writer got there first."""
         from botocore.exceptions import ClientError
 
         if etag is None:
-            return self.put_if_absent(key, data)
+            return self.put_if_absent(key, data, content_type)
         try:
             self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=f'"{etag}"'
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                IfMatch=f'"{etag}"',
+                **_content_type(content_type),
             )
             return True
         except ClientError as exc:

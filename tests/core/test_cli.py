@@ -98,3 +98,31 @@ def test_redropping_verified_content_says_it_will_not_be_verified_again(
     assert code == 0 and "was verified already" in out and "facereid results night" in out
     code, _, err = cli("drop", str(tmp_path / "missing.csv"))
     assert code == 2 and "is not a file" in err
+
+
+def test_two_drops_racing_to_one_name_never_lose_a_list(s3_storage, tmp_path) -> None:
+    """The second drop checked before the first landed: its write is conditional on what
+    it checked, so it is refused rather than replacing the unverified first list."""
+    from core.cli_verify import drop_pair_list
+
+    storage = s3_storage
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text(LIST)
+    second.write_text(LIST + "images/c.jpg,images/d.jpg\n")
+    real_head = storage.head
+
+    def head_then_other_drop_lands(key):
+        storage.head = real_head  # type: ignore[method-assign]
+        try:
+            return real_head(key)  # what the second drop sees: nothing there yet
+        finally:
+            drop_pair_list(storage, first, name="team.csv")  # the first drop lands meanwhile
+
+    storage.head = head_then_other_drop_lands  # type: ignore[method-assign]
+    with pytest.raises(FileExistsError, match="no run has verified yet"):
+        drop_pair_list(storage, second, name="team.csv")
+    assert storage.get_bytes("incoming/team.csv") == first.read_bytes()
+    assert real_head("incoming/team.csv").size == first.stat().st_size
+    # --force replaces it
+    assert drop_pair_list(storage, second, name="team.csv", force=True) == "incoming/team.csv"
+    assert storage.get_bytes("incoming/team.csv") == second.read_bytes()

@@ -78,7 +78,10 @@ def test_chunks_are_bounded(tmp_path):
         (b"", "empty"),
         (b"foo,bar\n1,2\n", "missing required column"),
         (b"image_a,image_b\n\xff\xfe\xfa,x\n", "not UTF-8"),
-        (b'image_a,image_b\n"unterminated,x\n', "malformed CSV"),
+        (b'image_a,image_b\na,b\n"unterminated,x\nc,d\n', "opened at line 3 is never closed"),
+        (b"image_a,image_b\n", "header but no rows"),
+        (b"image_a,image_b\n\n  \n", "header but no rows"),
+        (b"image_a,image_b\n" + b"a.jpg,b.jpg\n" * 9000 + b"c\xff,d\n", "byte 108017, line 9002"),
     ],
 )
 def test_unparseable_csv_raises(tmp_path, content, message):
@@ -86,6 +89,37 @@ def test_unparseable_csv_raises(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(PairListError, match=message):
         list(iter_pair_chunks(path, "csv"))
+
+
+def test_a_line_with_broken_quoting_is_one_invalid_row(tmp_path):
+    path = tmp_path / "quotes.csv"
+    path.write_bytes(b'pair_id,image_a,image_b\nx,a.jpg,b.jpg\ny,"c.jpg"z,d.jpg\nw,e.jpg,f.jpg\n')
+    rows = _rows(path, "csv")
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        ("x", "a.jpg", "b.jpg"),
+        ("1", "", ""),  # its id is unknown: the row number
+        ("w", "e.jpg", "f.jpg"),
+    ]
+    assert rows[1][5].startswith("malformed CSV at line 3:") and "empty" not in rows[1][5]
+    assert rows[0][5] == rows[2][5] == ""
+
+
+def test_parquet_pair_ids_written_by_pandas_keep_their_integer_spelling(tmp_path):
+    """An integer column with gaps is stored as float64: 1.0 is id "1", NaN is blank."""
+    path = tmp_path / "ids.parquet"
+    table = pa.table(
+        {
+            "pair_id": pa.array([1.0, None, 3.0, float("nan"), 2.5]),
+            "image_a": ["a.jpg"] * 5,
+            "image_b": ["b.jpg"] * 5,
+        }
+    )
+    pq.write_table(table, path)
+    rows = _rows(path, "parquet")
+    assert [r[1] for r in rows] == ["1", "1", "3", "3", "2.5"]
+    # the blanks default to their row numbers, which the explicit ids already use
+    assert [bool(r[5]) for r in rows] == [False, True, False, True, False]
+    assert "row number 1, is already used" in rows[1][5]
 
 
 def test_parquet_lists(tmp_path):
