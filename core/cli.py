@@ -64,9 +64,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     out = verify_pairs(list_key=args.list_key, model_name=args.model, precision=args.precision)
     _print(out)
-    if not args.list_key or any(p["list_key"] == args.list_key for p in out["processed"]):
-        return 0
-    return _explain_unverified(args.list_key, out)
+    if args.list_key and not any(p["list_key"] == args.list_key for p in out["processed"]):
+        return _explain_unverified(args.list_key, out)
+    for rejected in out["rejected"]:  # a cron wrapper sees rejections in the exit code
+        _say_rejected(rejected)
+    return 1 if out["rejected"] else 0
+
+
+def _say_rejected(rejected: dict[str, Any]) -> None:
+    print(
+        f"facereid verify: {rejected['list_key']} was rejected ({rejected['error']}); it is "
+        f"now at {rejected['rejected_key']}",
+        file=sys.stderr,
+    )
 
 
 def _explain_unverified(list_key: str, out: dict[str, Any]) -> int:
@@ -76,11 +86,7 @@ def _explain_unverified(list_key: str, out: dict[str, Any]) -> int:
 
     for rejected in out["rejected"]:
         if rejected["list_key"] == list_key:
-            print(
-                f"facereid verify: {list_key} was rejected ({rejected['error']}); it is now at "
-                f"{rejected['rejected_key']}",
-                file=sys.stderr,
-            )
+            _say_rejected(rejected)
             return 1
     storage = get_storage()
     try:
@@ -204,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("verify", help="run the verify_pairs flow on incoming/ lists")
+    p = sub.add_parser(
+        "verify",
+        help="run the verify_pairs flow on incoming/ lists",
+        description="Verify the unprocessed pair lists under incoming/ (or one). Exit 0: "
+        "all verified (or nothing to do); 1: a list was rejected (moved to rejected/) or "
+        "the named list got no results; 2: an error such as no promoted model.",
+    )
     p.add_argument("--list-key", default=None, help="process only this key (incoming/...)")
     p.add_argument("--model", default="auto", help="model name, or auto = best in production")
     p.add_argument(

@@ -71,6 +71,22 @@ class Settings(BaseSettings):
             raise ValueError(f"storage_uri must start with file:// or s3://, got {value!r}")
         return value.rstrip("/")
 
+    @field_validator("verify_allowed_prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: list[str]) -> list[str]:
+        """Each prefix names a folder: ``images`` would also allow ``images_private/``,
+        and an empty one the whole bucket (models, ledger), so it is refused."""
+        out = []
+        for prefix in value:
+            clean = prefix.strip().lstrip("/")
+            if not clean.strip("/"):
+                raise ValueError(
+                    f"verify_allowed_prefixes: {prefix!r} would allow the whole bucket; "
+                    "name folders such as images/"
+                )
+            out.append(clean if clean.endswith("/") else clean + "/")
+        return out
+
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser().resolve()

@@ -83,6 +83,15 @@ def test_verify_of_a_named_list_that_got_no_results_says_why(
     code, out, _ = cli("verify", "--list-key", "incoming/ok.csv")
     assert code == 0 and '"list_key": "incoming/ok.csv"' in out
 
+    # a run over all lists exits 1 when one was rejected (cron sees it), then 0
+    local_storage.put_bytes("incoming/broken2.csv", b"foo,bar\n1,2\n")
+    local_storage.put_bytes("incoming/ok2.csv", LIST.encode())
+    code, out, err = cli("verify")
+    assert code == 1 and '"list_key": "incoming/ok2.csv"' in out
+    assert "incoming/broken2.csv was rejected" in err
+    code, _, err = cli("verify")
+    assert code == 0 and "rejected" not in err
+
 
 def test_redropping_verified_content_says_it_will_not_be_verified_again(
     local_storage, settings_env, tmp_path
