@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.ledger import INCOMING, is_processed
-from core.pairlists import is_pair_list, list_format, validate_pair_list
+from core.pairlists import is_pair_list, list_format, list_stem, validate_pair_list
 from core.storage import ObjectNotFound, valid_key
 
 
@@ -24,6 +24,20 @@ def incoming_key(local_path: Path, name: str | None = None) -> str:
     if not is_pair_list(name):
         raise ValueError(f"list name {name!r} must end in .csv, .parquet or .pq")
     return INCOMING + name
+
+
+def check_results_folder_free(storage: Any, key: str) -> None:
+    """Refuse ``night.csv`` while ``night.parquet`` is in incoming/: both would write to
+    ``results/night/`` and ``facereid results night`` could return the other's results."""
+    stem = list_stem(key)
+    folder = key.rsplit("/", 1)[0] + "/"
+    siblings = (i.key for i in storage.list(folder) if "/" not in i.key[len(folder) :])
+    for other in siblings:
+        if other != key and is_pair_list(other) and list_stem(other) == stem:
+            raise FileExistsError(
+                f"{storage.url_for(other)} already writes its results to results/{stem}/; "
+                "name this list differently (--name)"
+            )
 
 
 def drop_pair_list(
@@ -41,6 +55,7 @@ def drop_pair_list(
         raise ValueError(f"{local_path} is not a file")
     key = incoming_key(local_path, name)
     report = validate_pair_list(local_path, list_format(key))  # no rows: PairListError
+    check_results_folder_free(storage, key)
     content_type = "text/csv" if key.endswith(".csv") else "application/vnd.apache.parquet"
     if force:
         storage.put_bytes(key, local_path.read_bytes(), content_type)

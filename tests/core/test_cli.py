@@ -135,3 +135,15 @@ def test_two_drops_racing_to_one_name_never_lose_a_list(s3_storage, tmp_path) ->
     # --force replaces it
     assert drop_pair_list(storage, second, name="team.csv", force=True) == "incoming/team.csv"
     assert storage.get_bytes("incoming/team.csv") == second.read_bytes()
+
+
+def test_a_drop_that_would_share_a_results_folder_is_refused(local_storage, tmp_path) -> None:
+    from core.cli_verify import drop_pair_list
+
+    path = tmp_path / "night.csv"
+    path.write_text(LIST)
+    local_storage.put_bytes("incoming/night.parquet", b"any")
+    local_storage.put_bytes("incoming/team/night.csv", b"any")  # results/team/night/: fine
+    with pytest.raises(FileExistsError, match="already writes its results to results/night/"):
+        drop_pair_list(local_storage, path)
+    assert drop_pair_list(local_storage, path, name="night2.csv") == "incoming/night2.csv"
