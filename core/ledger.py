@@ -97,9 +97,13 @@ def incoming_lists(storage: Any, prefix: str = INCOMING) -> list[ObjectInfo]:
 
 
 def pending_lists(storage: Any, prefix: str = INCOMING) -> Iterator[ObjectInfo]:
-    """Lists whose current version has no ledger entry, oldest first."""
+    """Lists whose current version has no ledger entry, oldest first.
+
+    The ledger is listed once (a LIST call per 1,000 entries on S3) rather than looked up
+    per list, so a poll every few minutes stays cheap however many lists were verified."""
+    recorded = {info.key for info in storage.list(PROCESSED)}
     for info in incoming_lists(storage, prefix):
-        if not is_processed(storage, info.key, info.etag):
+        if ledger_key(info.key, info.etag) not in recorded:
             yield info
 
 

@@ -70,3 +70,27 @@ def test_download_list_version_refuses_a_replaced_list(any_storage, tmp_path):
     s.delete("incoming/l.csv")
     with pytest.raises(ListVersionGone, match="deleted"):
         download_list_version(s, info, tmp_path / "l3.csv")
+
+
+def test_pending_lists_read_the_ledger_in_one_listing(any_storage):
+    """Verified versions are skipped, a new version of a verified list is pending, and no
+    per-list lookup is made (a poll stays cheap however many lists were verified)."""
+    from core.ledger import pending_lists, record_processed
+
+    s = any_storage
+    for n in range(30):
+        s.put_bytes(f"incoming/l{n:02d}.csv", f"image_a,image_b\na{n}.jpg,b.jpg\n".encode())
+        if n % 3:
+            record_processed(s, f"incoming/l{n:02d}.csv", s.head(f"incoming/l{n:02d}.csv").etag, {})
+    s.put_bytes("incoming/l01.csv", b"image_a,image_b\nnew.jpg,b.jpg\n")  # an edit
+    lookups: list[str] = []
+    for name in ("exists", "head", "get_bytes"):
+        real = getattr(s, name)
+        setattr(
+            s, name, lambda key, *a, _real=real, **k: lookups.append(key) or _real(key, *a, **k)
+        )
+    pending = sorted(i.key for i in pending_lists(s))
+    assert pending == sorted(
+        [f"incoming/l{n:02d}.csv" for n in range(0, 30, 3)] + ["incoming/l01.csv"]
+    )
+    assert lookups == []
