@@ -81,7 +81,11 @@ def test_chunks_are_bounded(tmp_path):
         (b'image_a,image_b\na,b\n"unterminated,x\nc,d\n', "opened at line 3 is never closed"),
         (b"image_a,image_b\n", "header but no rows"),
         (b"image_a,image_b\n\n  \n", "header but no rows"),
-        (b"image_a,image_b\n" + b"a.jpg,b.jpg\n" * 9000 + b"c\xff,d\n", "byte 108017, line 9002"),
+        # the bad byte follows the header (16 bytes), 9,000 rows of 12 and the "c"
+        (
+            b"image_a,image_b\n" + b"a.jpg,b.jpg\n" * 9000 + b"c\xff,d\n",
+            f"byte {16 + 9000 * 12 + 1}, line 9002",
+        ),
     ],
 )
 def test_unparseable_csv_raises(tmp_path, content, message):

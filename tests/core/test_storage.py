@@ -135,6 +135,24 @@ def test_get_bytes_max_bytes_refuses_bigger_objects_without_reading_them(any_sto
         s.get_bytes("img/none.bin", max_bytes=1000)
 
 
+def test_s3_max_bytes_transfers_at_most_the_limit_plus_one(s3_storage):
+    """The size check is a ranged GET: an oversized object is never downloaded whole."""
+    s = s3_storage
+    s.put_bytes("img/big.bin", b"x" * 50_000)
+    ranges: list[str | None] = []
+    lengths: list[int] = []
+    events = s.client.meta.events
+    events.register("before-call.s3.GetObject", lambda params, **_: ranges.append(
+        params.get("headers", {}).get("Range")))  # fmt: skip
+    events.register("after-call.s3.GetObject", lambda parsed, **_: lengths.append(
+        parsed["ContentLength"]))  # fmt: skip
+    with pytest.raises(ObjectTooLarge, match="50000 bytes"):
+        s.get_bytes("img/big.bin", max_bytes=1000)
+    assert ranges == ["bytes=0-1000"] and lengths == [1001]
+    assert s.get_bytes("img/big.bin") == b"x" * 50_000  # no limit: the whole object
+    assert ranges[-1] is None and lengths[-1] == 50_000
+
+
 @pytest.mark.parametrize("name", ["night#1", "what?x=1", "späti & co"])
 def test_put_file_publishes_under_the_exact_key(any_storage, tmp_path, name):
     """A key holding URL syntax (#, ?) or unicode lands where it is named, nowhere else."""

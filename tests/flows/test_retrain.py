@@ -153,6 +153,8 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     assert decision["champion_value_source"] == "recorded"
     assert decision["champion_value"] == pytest.approx(pointer["gate_value"])
     assert decision["promoted"] is (decision["challenger_value"] > decision["champion_value"])
+    production = registry.get_production(storage, "pca")["version"]
+    assert production == (v3 if decision["promoted"] else v1)
 
 
 def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_path) -> None:

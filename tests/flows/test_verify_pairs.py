@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -262,10 +263,7 @@ def test_verify_end_to_end_twice(world):
     assert "nope.jpg" in rows["missing"]["error"]
     assert "pixels" in rows["bomb"]["error"]
     bad_metrics = processed["incoming/bad_rows.csv"]["metrics"]
-    assert bad_metrics["status_counts"] == {
-        "ok": 1, "missing_image": 2, "unreadable_image": 3, "no_face": 1,
-        "invalid_row": 3, "forbidden": 3,
-    }  # fmt: skip
+    assert bad_metrics["status_counts"] == dict(Counter(expected.values()))
     assert bad_metrics["confusion_matrix"]["tp"] + bad_metrics["confusion_matrix"]["fn"] == 1
 
     # another bucket: forbidden, never fetched
