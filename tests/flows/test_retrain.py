@@ -83,7 +83,8 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     from flows.retrain import retrain
 
     _, data_version = ingested
-    state = retrain(models=["pca"], pca_components=20, return_state=True, **SMALL)
+    # the flow's default view2_models: PCA also runs the LFW View 2 protocol
+    state = retrain(models=["pca"], pca_components=20, eval_pairs=200, return_state=True)
     first = state.result()
     assert first["data_version"] == data_version and first["backend"] == "local"
     v1 = first["models"]["pca"]["version"]
@@ -102,6 +103,10 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     }
     metrics = registry.get_metrics(storage, "pca", v1)
     assert metrics["data_version"] == data_version
+    view2 = metrics["view2"]
+    assert view2["folds"] == list(range(10)) and view2["calibration"] == "other-folds"
+    assert all(f["calibration_fold"] is None for f in view2["per_fold"])
+    assert 0.5 <= view2["accuracy_mean"] <= 1.0
     assert metrics["card"]["backend"] == "local"
     assert metrics["card"]["hyperparameters"]["n_components"] == 20
     card = storage.get_bytes(prefix + "model_card.md").decode()
@@ -118,6 +123,7 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     # the report: stored, linked ROC PNG, and a markdown artifact
     report = storage.get_bytes(first["report_key"]).decode()
     assert v1 in report and "promoted to production" in report
+    assert f"{100 * view2['accuracy_mean']:.2f} %" in report and "(other-folds threshold)" in report
     assert storage.get_bytes(first["roc_key"]).startswith(b"\x89PNG")
     assert storage.url_for(first["roc_key"]) in report
     arts = _artifacts(state.state_details.flow_run_id)
