@@ -256,17 +256,14 @@ def test_real_protocol_files_parse(real_lfw_data_home):
 
 
 @pytest.fixture
-def people_mirror(real_lfw_data_home, tmp_path):
-    """A real HTTP server on 127.0.0.1 serving a copy of the official people files."""
+def mirror(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving the files put in its (empty) root."""
     import functools
-    import shutil
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     root = tmp_path / "mirror"
     root.mkdir()
-    for name in PEOPLE_FILES_SHA256:
-        shutil.copy(real_lfw_data_home / "lfw_home" / name, root / name)
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -278,11 +275,23 @@ def people_mirror(real_lfw_data_home, tmp_path):
         server.server_close()
 
 
+@pytest.fixture
+def people_mirror(mirror, real_lfw_data_home):
+    """The mirror serving a copy of the official people files."""
+    import shutil
+
+    root, url = mirror
+    for name in PEOPLE_FILES_SHA256:
+        shutil.copy(real_lfw_data_home / "lfw_home" / name, root / name)
+    return root, url
+
+
 def _without_people_files(tmp_path):
     """Images and pairs present (what sklearn fetches), people files missing."""
     return build_fake_lfw(tmp_path / "lfw", n_people=20, skip_protocol=tuple(PEOPLE_FILES_SHA256))
 
 
+@pytest.mark.real_lfw
 def test_download_fetches_the_people_files_sklearn_does_not(people_mirror, tmp_path):
     root, url = people_mirror
     fake = _without_people_files(tmp_path)
@@ -296,13 +305,17 @@ def test_download_fetches_the_people_files_sklearn_does_not(people_mirror, tmp_p
     assert locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
 
 
-def test_download_refuses_a_file_that_is_not_the_official_one(people_mirror, tmp_path):
-    root, url = people_mirror
-    (root / "peopleDevTest.txt").write_text("<html>captive portal</html>")
+def test_download_refuses_a_file_that_is_not_the_official_one(mirror, tmp_path):
+    """Needs no real files: a captive portal's page under every name is refused by its
+    SHA-256, and nothing is published."""
+    root, url = mirror
+    for name in PEOPLE_FILES_SHA256:
+        (root / name).write_text("<html>captive portal</html>")
     fake = _without_people_files(tmp_path)
-    with pytest.raises(LfwError, match=r"is not the LFW peopleDevTest\.txt: sha256"):
+    with pytest.raises(LfwError, match=r"is not the LFW people\w*\.txt: sha256"):
         locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
-    assert not (fake.lfw_home / "peopleDevTest.txt").exists()
+    for name in PEOPLE_FILES_SHA256:
+        assert not (fake.lfw_home / name).exists()
     assert not list(fake.lfw_home.glob(".*.part"))
 
 
