@@ -10,6 +10,8 @@ cd "$REPO_ROOT"
 # Prefect's test harness and CLI state stay under ./var, never in ~/.prefect.
 export PREFECT_HOME="${PREFECT_HOME:-$VAR_DIR/prefect-test}"
 mkdir -p "$PREFECT_HOME"
+# the venv installs the sagemaker extra: its tests must run, never skip
+export FACEREID_REQUIRE_SAGEMAKER=1
 
 "$VENV_BIN/pytest" "$@"
 pytest_rc=$?

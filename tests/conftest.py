@@ -32,6 +32,25 @@ os.environ.update(
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("AWS_SESSION_TOKEN", None)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``sagemaker`` need the SDK extra. Without it they are skipped, unless
+    FACEREID_REQUIRE_SAGEMAKER=1 (scripts/test.sh, whose venv installs the extra), where
+    a missing SDK fails them: the SageMaker coverage never disappears quietly."""
+    import importlib.util
+
+    if importlib.util.find_spec("sagemaker") is not None:
+        return
+    if os.environ.get("FACEREID_REQUIRE_SAGEMAKER") == "1":
+        return  # they run, and fail on the missing import
+    skip = pytest.mark.skip(
+        reason="the sagemaker SDK is not installed: pip install -e '.[sagemaker]'"
+    )
+    for item in items:
+        if item.get_closest_marker("sagemaker"):
+            item.add_marker(skip)
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_LFW_DATA_HOME = Path(
     os.environ.get("FACEREID_REAL_LFW_DATA_HOME", REPO_ROOT.parent / "shared" / "data")

@@ -77,6 +77,7 @@ def _artifacts(flow_run_id) -> list:
         )
 
 
+@pytest.mark.slow
 def test_retrain_registers_promotes_and_keeps_a_better_champion(
     storage: S3Storage, ingested, tmp_path: Path
 ) -> None:
@@ -163,6 +164,7 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     assert production == (v3 if decision["promoted"] else v1)
 
 
+@pytest.mark.slow
 def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_path) -> None:
     """A re-ingest with another seed deals people to other splits: the gate leaves out the
     val/test people the champion trained on, for both models, so neither is flattered."""
@@ -276,6 +278,7 @@ def test_retrain_both_models(storage: S3Storage) -> None:
     assert "| siamese |" in report and "| pca |" in report
 
 
+@pytest.mark.sagemaker
 def test_sagemaker_backend_submits_both_jobs(
     storage: S3Storage, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -286,7 +289,6 @@ def test_sagemaker_backend_submits_both_jobs(
 
     from flows.retrain import retrain
 
-    pytest.importorskip("sagemaker")
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER", moto_endpoint)
     state = retrain(
         models=["pca", "siamese"],

@@ -58,6 +58,7 @@ def test_needs_identities_with_two_images():
         train_siamese(faces, labels, SiameseConfig(epochs=1, **TINY))
 
 
+@pytest.mark.slow
 def test_save_then_load_with_safe_mode_in_a_fresh_process(tmp_path, trained, data):
     faces = data[0][:5]
     trained.save(tmp_path / "model")

@@ -12,6 +12,7 @@ from models.source_dir import stage_source_dir
 from tests.models.test_train_pca import REPO, check_outputs, opt_ml, sm_env  # noqa: F401
 
 
+@pytest.mark.slow
 def test_train_siamese_script_in_a_staged_source_dir(opt_ml, tmp_path):  # noqa: F811
     src = stage_source_dir(tmp_path / "src")
     env = sm_env(opt_ml, "siamese")

@@ -23,7 +23,7 @@ from core.registry import pack_model_dir
 from tasks.backends.sagemaker_common import make_boto_session, split_s3_uri
 from tasks.backends.sagemaker_training import TrainingJobFailed, train_on_sagemaker
 
-pytest.importorskip("sagemaker")
+pytestmark = pytest.mark.sagemaker
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"
 ROLE = "arn:aws:iam::123456789012:role/facereid-sagemaker"

@@ -33,7 +33,7 @@ from tasks.backends.sagemaker_transform import (
 from tasks.verify import ListJob, iter_unique_faces, make_run_id, verify_list
 from tests.fake_lfw import fake_face_jpeg
 
-pytest.importorskip("sagemaker")
+pytestmark = pytest.mark.sagemaker
 
 SNAPSHOTS = Path(__file__).resolve().parent.parent / "snapshots"
 ROLE = "arn:aws:iam::123456789012:role/facereid-sagemaker"
