@@ -209,6 +209,31 @@ def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_
     )
     assert decision["promoted"] is (decision["challenger_value"] > decision["champion_value"])
 
+    # the challenger's gate figure is its own test accuracy on the reduced pairs, computed
+    # here independently: the version's faces without the champion's train/val people
+    import numpy as np
+
+    from models.evaluation import evaluate_candidate
+    from models.loading import load_embedder
+
+    challenger_dir = registry.fetch_model_dir(storage, "pca", model["version"], tmp_path / "m")
+    table = ds.read_faces(storage, version_b, ["image_id", "person", "split", "face"])
+    persons = table.column("person").to_pylist()
+    keep = np.array([a[p] == "test" for p in persons])  # a's train+val people left out
+    flat = table.column("face").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    faces = np.asarray(flat, np.float32).reshape(len(persons), *ds.FACE_SHAPE)[keep]
+    expected = evaluate_candidate(
+        load_embedder(challenger_dir),
+        faces,
+        [i for i, k in zip(table.column("image_id").to_pylist(), keep, strict=True) if k],
+        [s for s, k in zip(table.column("split").to_pylist(), keep, strict=True) if k],
+        [p for p, k in zip(persons, keep, strict=True) if k],
+        n_pairs=SMALL["eval_pairs"],
+        seed=0,
+    )
+    assert decision["challenger_value"] == pytest.approx(expected["test"]["accuracy"])
+    assert decision["challenger_value"] != pytest.approx(model["accuracy"])  # not the full pairs
+
 
 def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
     from core.dataset import DatasetNotFound
