@@ -101,10 +101,14 @@ def test_prefect_yaml_deploys_every_deployment_with_schedules(deployed: PrefectS
 
 
 def drop_event(list_key: str, **payload: str) -> Event:
-    """The event poll_incoming emits for a new pair list."""
+    """The event poll_incoming emits for a new pair list, named by poll_incoming's own
+    constants: a renamed event or resource that prefect.yaml's trigger no longer matches
+    fails this test."""
+    from flows.poll_incoming import EVENT_NAME, resource_id
+
     return Event(
-        event="facereid.pair-list.dropped",
-        resource={"prefect.resource.id": f"facereid.pair-list.{list_key}"},
+        event=EVENT_NAME,
+        resource={"prefect.resource.id": resource_id(list_key)},
         payload={"list_key": list_key, **payload},
     )
 
