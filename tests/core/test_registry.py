@@ -237,24 +237,24 @@ def test_promotion_is_a_compare_and_swap(any_storage, tmp_path: Path, monkeypatc
     b_dir, b = make_model_dir(tmp_path / "b", 0.80, seed=3)
     vb = registry.register_version(storage, "pca", b_dir, b, CARD, now=T0)
 
-    # b read the pointer (champion 0.70) before a's promotion landed
-    stale_etag = storage.head(registry.pointer_key("pca")).etag
-    assert registry.promote_if_better(storage, "pca", va)["promoted"]
-    assert not storage.put_if_match(registry.pointer_key("pca"), b"{}", stale_etag)
-    real_read_pointer = registry._read_pointer
-    reads = []
+    # b reads the pointer (champion 0.70, so b would win) and a's promotion lands just
+    # before b's conditional write: injected at the storage layer, nothing of the
+    # registry is replaced
+    real_put_if_match = storage.put_if_match
+    pointer_writes: list[bool] = []
 
-    def first_read_is_stale(storage_, name):
-        reads.append(name)
-        pointer, etag = real_read_pointer(storage_, name)
-        if len(reads) == 1:
-            return {**pointer, "version": v1, "gate_value": 0.70}, stale_etag
-        return pointer, etag
+    def a_lands_first(key, data, etag, *args, **kwargs):
+        if key == registry.pointer_key("pca") and not pointer_writes:
+            storage.put_if_match = real_put_if_match
+            assert registry.promote_if_better(storage, "pca", va)["promoted"]
+        landed = real_put_if_match(key, data, etag, *args, **kwargs)
+        pointer_writes.append(landed)
+        return landed
 
-    monkeypatch.setattr(registry, "_read_pointer", first_read_is_stale)
+    monkeypatch.setattr(storage, "put_if_match", a_lands_first)
     d = registry.promote_if_better(storage, "pca", vb)
     monkeypatch.undo()
-    assert len(reads) == 2  # the conditional put failed, so it decided again
+    assert pointer_writes == [False]  # b's write on the stale ETag was refused
     assert not d["promoted"] and d["champion_version"] == va and d["champion_value"] == 0.90
     assert registry.get_production(storage, "pca")["version"] == va
 
