@@ -156,21 +156,28 @@ def test_malformed_protocol_lines_name_file_and_line(tmp_path):
 
 
 def test_pair_naming_a_missing_image_is_an_error(fake_lfw):
-    victim = next(iter(sorted(fake_lfw.people)))
-    for path in (fake_lfw.lfw_home / "lfw_funneled" / victim).iterdir():
-        path.unlink()
+    """Images gone of someone no pair names: a warning; of someone a pair names: an error."""
     source = locate_lfw(fake_lfw.data_home)
-    protocol, images = read_protocol(source), list_images(source)
-    mentioned = any(
-        victim in (r["person_a"], r["person_b"])
+    protocol = read_protocol(source)
+    in_pairs = {
+        person
         for t in ("pairs_view1_train", "pairs_view1_test", "pairs_view2")
         for r in protocol.tables[t].to_pylist()
-    )
-    if mentioned:
-        with pytest.raises(ProtocolFileError, match="not in the images folder"):
-            check_protocol_against_images(protocol, images)
-    else:
-        assert any(victim in w for w in check_protocol_against_images(protocol, images))
+        for person in (r["person_a"], r["person_b"])
+    }
+    unpaired = sorted(set(fake_lfw.people) - in_pairs)
+    assert unpaired and in_pairs  # the fake tree has both kinds
+
+    def remove_images(person: str) -> None:
+        for path in (fake_lfw.lfw_home / "lfw_funneled" / person).iterdir():
+            path.unlink()
+
+    remove_images(unpaired[0])
+    warnings = check_protocol_against_images(protocol, list_images(source))
+    assert any(unpaired[0] in w for w in warnings)
+    remove_images(sorted(in_pairs)[0])
+    with pytest.raises(ProtocolFileError, match="not in the images folder"):
+        check_protocol_against_images(protocol, list_images(source))
 
 
 def test_process_images_matches_shared_preprocessing(fake_lfw_session):
