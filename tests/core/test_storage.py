@@ -191,18 +191,23 @@ def test_local_etag_follows_content_like_s3(local_storage):
     assert [o.etag for o in s.list("incoming/")] == [edited]
 
 
-def test_local_etag_cache_never_serves_an_old_version(local_storage):
+def test_local_etag_cache_never_serves_an_old_version(local_storage, monkeypatch):
     """Settled files are hashed once per version; an in-place edit that keeps size and
     mtime changes the ctime, so it is hashed again, not served from the cache."""
     import os
     import time
+    import types
 
+    import core.storage
     from core.storage import _cached_md5
 
+    # the storage's clock runs 2 s ahead: every file is past the one-second window in
+    # which a just-changed file is never cached (no sleeping)
+    ahead = types.SimpleNamespace(time_ns=lambda: time.time_ns() + 2_000_000_000)
+    monkeypatch.setattr(core.storage, "time", ahead)
     s = local_storage
     s.put_bytes("incoming/l.csv", b"a,b\n1,2\n")
     path = s.root / "incoming/l.csv"
-    time.sleep(1.05)  # settled: older than the one-second window that is never cached
     first = s.head("incoming/l.csv").etag
     hits = _cached_md5.cache_info().hits
     assert [o.etag for o in s.list("incoming/")] == [first]
@@ -211,7 +216,6 @@ def test_local_etag_cache_never_serves_an_old_version(local_storage):
     with open(path, "r+b") as fh:  # same inode, same size, mtime put back (cp -p style)
         fh.write(b"a,b\n3,4\n")
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    time.sleep(1.05)
     edited = s.head("incoming/l.csv").etag
     assert edited != first
     assert edited == hashlib.md5(b"a,b\n3,4\n").hexdigest()
