@@ -279,7 +279,8 @@ def test_failed_training_still_reports_and_fails_the_run(storage: S3Storage) -> 
 
 
 @pytest.mark.slow
-def test_retrain_both_models(storage: S3Storage) -> None:
+@pytest.mark.filterwarnings("ignore:bfloat16 inference on a CPU without")  # asked for here
+def test_retrain_both_models(storage: S3Storage, tmp_path: Path) -> None:
     """PCA and a tiny Siamese net in one run: both registered and promoted, one report."""
     from flows.retrain import retrain
 
@@ -301,6 +302,34 @@ def test_retrain_both_models(storage: S3Storage) -> None:
     assert metrics["card"]["hyperparameters"]["filters"] == [8, 16]
     report = storage.get_bytes(out["report_key"]).decode()
     assert "| siamese |" in report and "| pca |" in report
+
+    # the promoted Siamese net verifies lists through the flow, in either precision; the
+    # ledger says which, and the scores are the model's own cosines of the ingested faces
+    import numpy as np
+
+    from core import dataset as ds
+    from core.ledger import read_entry
+    from flows.verify_pairs import verify_pairs
+
+    table = ds.read_faces(storage, None, ["image_id", "face"])
+    ids = table.column("image_id").to_pylist()[:8]
+    rows = ["pair_id,image_a,image_b"] + [f"p{k},lfw:{ids[k]},lfw:{ids[k + 1]}" for k in range(7)]
+    flat = table.column("face").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    faces = np.asarray(flat, np.float32).reshape(-1, *ds.FACE_SHAPE)[:8]
+    _, embedder = registry.load_production_model(storage, "siamese", tmp_path / "m")
+    emb = embedder.embed(faces)
+    expected = [float(emb[k] @ emb[k + 1]) for k in range(7)]
+    for precision in ("float32", "bfloat16"):
+        key = f"incoming/siamese-{precision}.csv"
+        storage.put_bytes(key, ("\n".join(rows) + "\n").encode())
+        result = verify_pairs(list_key=key, model_name="siamese", precision=precision)
+        (entry,) = result["processed"]
+        recorded = read_entry(storage, key, storage.head(key).etag)
+        assert recorded["model_name"] == "siamese" and recorded["precision"] == precision
+        scored = storage.read_parquet(entry["result_key"]).to_pylist()
+        assert [r["status"] for r in scored] == ["ok"] * 7
+        tolerance = 1e-5 if precision == "float32" else 0.02
+        assert [r["score"] for r in scored] == pytest.approx(expected, abs=tolerance)
 
 
 @pytest.mark.sagemaker
