@@ -369,6 +369,45 @@ def test_storage_failure_on_an_image_fails_the_list_for_a_retry(world, monkeypat
     assert table.column("status").to_pylist() == ["ok"]
 
 
+def test_a_rerun_after_a_promotion_verifies_with_the_new_model(world, pca_model_dir, monkeypatch):
+    """Results published, ledger write lost, then a new model promoted: the re-run
+    verifies with the new model under a new run id, and the ledger points at that."""
+    from datetime import UTC, datetime
+
+    from prefect.states import State
+
+    import tasks.verify as verify_tasks
+    from core.registry import promote_if_better, register_version
+    from flows.verify_pairs import verify_pairs
+
+    storage, old_pointer, _ = world
+    rows = [["pair_id", "image_a", "image_b"], ["a", "images/p2_0.jpg", "images/p2_1.jpg"]]
+    storage.put_bytes("incoming/handover.csv", _csv(rows))
+    info = storage.head("incoming/handover.csv")
+
+    def boom(*args, **kwargs):
+        raise OSError("injected crash after results were published")
+
+    monkeypatch.setattr(verify_tasks, "record_processed", boom)
+    state: State = verify_pairs(list_key=info.key, return_state=True)
+    assert state.is_failed()
+    monkeypatch.undo()
+    (orphan,) = [i.key for i in storage.list("results/handover/") if i.key.endswith(".parquet")]
+
+    version = register_version(
+        storage, "pca", pca_model_dir, {"test": {"accuracy": 0.99}},
+        {"kind": "pca"}, now=datetime(2030, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    assert promote_if_better(storage, "pca", version)["promoted"]
+    (entry,) = _run(list_key=info.key)["processed"]
+    assert entry["model_version"] == version != old_pointer["version"]
+    assert entry["result_key"] != orphan and storage.exists(orphan)
+    assert read_entry(storage, info.key, info.etag)["result_key"] == entry["result_key"]
+    assert storage.read_parquet(entry["result_key"]).column("model_version").to_pylist() == [
+        version
+    ]
+
+
 def _only_run_id(storage) -> str:
     (key,) = [i.key for i in storage.list("results/crashy/") if i.key.endswith(".parquet")]
     return key.rsplit("/", 1)[-1].removesuffix(".parquet")
