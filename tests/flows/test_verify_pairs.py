@@ -408,6 +408,35 @@ def test_a_rerun_after_a_promotion_verifies_with_the_new_model(world, pca_model_
     ]
 
 
+def test_a_list_replaced_while_it_is_read_is_left_for_the_next_run(world, monkeypatch):
+    """The user uploads a fix while the run reads the list: this run records nothing for
+    either version, and the next run verifies the new one."""
+    import tasks.verify as verify_tasks
+
+    storage, _, _ = world
+    old = [["pair_id", "image_a", "image_b"], ["a", "images/p3_0.jpg", "images/p3_1.jpg"]]
+    new = old + [["b", "images/p4_0.jpg", "images/p4_1.jpg"]]
+    storage.put_bytes("incoming/edited.csv", _csv(old))
+    stale = storage.head("incoming/edited.csv")
+    real_download = verify_tasks.download_to
+
+    def download_then_user_uploads(storage_, key, dest, *args, **kwargs):
+        path = real_download(storage_, key, dest, *args, **kwargs)
+        if key == "incoming/edited.csv":
+            storage.put_bytes(key, _csv(new))  # the fix lands while the run reads
+        return path
+
+    monkeypatch.setattr(verify_tasks, "download_to", download_then_user_uploads)
+    out = _run(list_key="incoming/edited.csv")
+    monkeypatch.undo()
+    assert out["processed"] == out["rejected"] == out["failed"] == []
+    assert not list(storage.list("results/edited/"))
+    assert read_entry(storage, stale.key, stale.etag) is None
+    (entry,) = _run()["processed"]  # the next run: the new version, two rows
+    assert entry["list_key"] == "incoming/edited.csv" and entry["metrics"]["rows"] == 2
+    assert entry["etag"] == storage.head("incoming/edited.csv").etag != stale.etag
+
+
 def _only_run_id(storage) -> str:
     (key,) = [i.key for i in storage.list("results/crashy/") if i.key.endswith(".parquet")]
     return key.rsplit("/", 1)[-1].removesuffix(".parquet")
