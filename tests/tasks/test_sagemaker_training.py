@@ -381,3 +381,26 @@ def test_polling_that_keeps_failing_stops_the_job(
     with pytest.raises(EndpointConnectionError):
         wait_for_job(job, timeout_s=60, poll_s=0, log=logs.append)
     assert stopped == [job.training_job_name]
+
+
+def test_a_cancelled_wait_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Path) -> None:
+    """Cancelling the run (Prefect cancels by interrupting; Ctrl-C is KeyboardInterrupt,
+    not an Exception) still stops the job before the interruption goes on."""
+    from tasks.backends.sagemaker_training import wait_for_job
+
+    boto_session = moto_boto_session(moto_endpoint)
+    answer, _ = canned_describe([{"TrainingJobStatus": "InProgress", "SecondaryStatus": "x"}])
+    boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", answer)
+    stopped: list[str] = []
+    boto_session.events.register(
+        "before-parameter-build.sagemaker.StopTrainingJob",
+        lambda params, **_: stopped.append(params["TrainingJobName"]),
+    )
+    job = _started_job(s3_storage, boto_session, tmp_path)
+
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        wait_for_job(job, timeout_s=60, poll_s=1, log=lambda _: None, sleep=interrupted)
+    assert stopped == [job.training_job_name]
