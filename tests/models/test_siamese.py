@@ -98,10 +98,23 @@ def test_save_then_load_with_safe_mode_in_a_fresh_process(tmp_path, trained, dat
 
 
 def test_mixed_precision_training_serves_in_float32(data):
-    """bfloat16 training keeps float32 variables; the served model computes in float32."""
+    """bfloat16 training keeps float32 variables; the served model computes in float32.
+    Training is seeded, so a float32 run repeats exactly; the mixed run computed in
+    bfloat16 (its weights differ), so the flag is not silently ignored."""
     faces, labels, _ = data
-    model = train_siamese(
-        faces, labels, SiameseConfig(epochs=1, mixed_precision=True, **TINY), log=lambda m: None
+
+    def train(mixed: bool) -> SiameseEmbedder:
+        config = SiameseConfig(epochs=1, mixed_precision=mixed, **TINY)
+        return train_siamese(faces, labels, config, log=lambda m: None)
+
+    def weights(m: SiameseEmbedder) -> list[np.ndarray]:
+        return m.model.get_layer("tower").get_weights()
+
+    model, fp32_a, fp32_b = train(True), train(False), train(False)
+    assert all(np.array_equal(a, b) for a, b in zip(weights(fp32_a), weights(fp32_b), strict=True))
+    assert any(
+        not np.allclose(a, b, atol=1e-3)
+        for a, b in zip(weights(model), weights(fp32_a), strict=True)
     )
     policies = {layer.dtype_policy.name for layer in model.model.get_layer("tower").layers}
     assert policies == {"float32"}
