@@ -30,7 +30,6 @@ from core.lfw import (
 )
 from core.splits import identity_split, split_counts
 from models.preprocessing import DEFAULT_PARAMS, preprocess_image
-from tests.conftest import free_port
 from tests.fake_lfw import build_fake_lfw
 
 
@@ -272,7 +271,7 @@ def mirror(tmp_path):
     root = tmp_path / "mirror"
     root.mkdir()
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -326,9 +325,9 @@ def test_download_refuses_a_file_that_is_not_the_official_one(mirror, tmp_path):
     assert not list(fake.lfw_home.glob(".*.part"))
 
 
-def test_download_failure_is_a_retryable_error_not_not_found(tmp_path):
+def test_download_failure_is_a_retryable_error_not_not_found(tmp_path, dead_port):
     fake = _without_people_files(tmp_path)
-    url = f"http://127.0.0.1:{free_port()}/"  # nobody listens
+    url = f"http://127.0.0.1:{dead_port}/"  # nobody listens
     with pytest.raises(LfwError, match="could not download LFW protocol file") as info:
         locate_lfw(fake.data_home, download_if_missing=True, people_files_url=url)
     assert type(info.value) is LfwError  # the ingest task retries exactly this type

@@ -16,7 +16,6 @@ from core.storage import (
     StorageError,
     storage_from_uri,
 )
-from tests.conftest import free_port
 
 
 def test_put_get_head_list_copy_delete(any_storage):
@@ -112,8 +111,8 @@ def test_storage_from_uri(tmp_path, moto_endpoint, s3_bucket):
         storage_from_uri("gs://bucket")
 
 
-def test_unreachable_endpoint_error_names_it():
-    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+def test_unreachable_endpoint_error_names_it(dead_port):
+    endpoint = f"http://127.0.0.1:{dead_port}"  # nothing listens there
     s = S3Storage("bucket", endpoint_url=endpoint)
     with pytest.raises(StorageError, match=f"127.0.0.1:{endpoint.rsplit(':', 1)[1]}"):
         s.get_bytes("k")
@@ -221,10 +220,10 @@ def test_local_etag_cache_never_serves_an_old_version(local_storage, monkeypatch
     assert edited == hashlib.md5(b"a,b\n3,4\n").hexdigest()
 
 
-def test_s3_parquet_read_failure_is_a_storage_error_naming_the_object(tmp_path):
+def test_s3_parquet_read_failure_is_a_storage_error_naming_the_object(tmp_path, dead_port):
     """pyarrow's S3 errors are OSErrors; the tasks retry StorageError, as for boto3 calls."""
     s3 = storage_from_uri(
-        "s3://bucket/root", endpoint_url=f"http://127.0.0.1:{free_port()}"
+        "s3://bucket/root", endpoint_url=f"http://127.0.0.1:{dead_port}"
     )  # nobody listens
     with pytest.raises(StorageError, match=r"cannot read s3://bucket/root/ds/part-0\.parquet"):
         s3.read_parquet("ds/part-0.parquet")

@@ -14,7 +14,6 @@ from core.lfw import PROTOCOL_FILES, CorruptImageError, LfwNotFoundError
 from core.storage import StorageError, storage_from_uri
 from flows.ingest_lfw import ingest_lfw
 from models.preprocessing import DEFAULT_PARAMS, preprocess_image
-from tests.conftest import free_port
 from tests.fake_lfw import build_fake_lfw
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -176,8 +175,10 @@ def test_missing_lfw_home_fails_naming_it(local_storage, tmp_path):
     assert not (tmp_path / "empty").exists()
 
 
-def test_unreachable_s3_endpoint_fails_naming_it(settings_env, local_storage, fake_lfw_session):
-    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+def test_unreachable_s3_endpoint_fails_naming_it(
+    settings_env, local_storage, fake_lfw_session, dead_port
+):
+    endpoint = f"http://127.0.0.1:{dead_port}"  # nothing listens there
     settings_env(local_storage, s3_endpoint_url=endpoint)
     with pytest.raises(StorageError, match=endpoint.split("//")[1]):
         ingest_lfw(data_home=str(fake_lfw_session.data_home), storage_uri="s3://facereid/data")
