@@ -228,6 +228,7 @@ def _check_header(columns: list[str], source: str) -> dict[str, int]:
 
 def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
     start_line = 1  # first line of the record being read
+    reader = None
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, strict=True)
@@ -247,10 +248,13 @@ def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
                 except StopIteration:
                     break
                 except csv.Error as exc:
-                    if "unexpected end of data" in str(exc):  # a quote opened, never closed:
-                        raise  # every later line was read into one field
-                    # the reader drops the rest of the line and goes on with the next
-                    builder.add(None, "", "", None, f"{MALFORMED} at line {start_line}: {exc}")
+                    if reader.line_num != start_line or "field limit" in str(exc):
+                        # a quote opened and not closed on its line: the reader swallowed
+                        # the lines after it, so rows would vanish; reject the list
+                        raise
+                    # confined to one line: the reader dropped its rest and goes on
+                    pid = f"line-{start_line}"  # its own id is unknown
+                    builder.add(pid, "", "", None, f"{MALFORMED} at line {start_line}: {exc}")
                     continue
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue  # blank line
@@ -274,10 +278,11 @@ def _iter_csv(path: Path, chunk_rows: int, source: str) -> Iterator[PairChunk]:
             f"{source}: not UTF-8 text ({exc.reason} at byte {offset}, line {line})"
         ) from exc
     except csv.Error as exc:
+        reader_line = reader.line_num if reader is not None else start_line
         where = (
-            f"a quoted field opened at line {start_line} is never closed"
-            if "unexpected end of data" in str(exc)
-            else f"line {start_line}"
+            f"line {start_line}"
+            if reader_line == start_line
+            else f"a quoted field opened at line {start_line} is not closed on its line"
         )
         raise PairListError(f"{source}: {MALFORMED}: {exc} ({where})") from exc
 

@@ -359,14 +359,20 @@ def iter_unique_faces(
     keys = [r for r in refs if r.kind == "key"]
     workers = max(1, int(max_concurrency))
     limit = max(2 * workers, int(lookahead))
-    with ThreadPoolExecutor(workers, thread_name_prefix="verify-load") as pool:
-        window: deque[Future[FaceOrError]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="verify-load")
+    window: deque[Future[FaceOrError]] = deque()
+    try:
         for ref in keys:
             window.append(pool.submit(load_face, storage, ref, detect))
             if len(window) >= limit:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
+    finally:
+        # on a failed load (or a consumer that stops early) the queued loads are dropped,
+        # not run: a list failing on an unreachable bucket must not first retry every
+        # image in the look-ahead window
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def embed_faces(

@@ -78,7 +78,10 @@ def test_chunks_are_bounded(tmp_path):
         (b"", "empty"),
         (b"foo,bar\n1,2\n", "missing required column"),
         (b"image_a,image_b\n\xff\xfe\xfa,x\n", "not UTF-8"),
-        (b'image_a,image_b\na,b\n"unterminated,x\nc,d\n', "opened at line 3 is never closed"),
+        (
+            b'image_a,image_b\na,b\n"unterminated,x\nc,d\n',
+            "opened at line 3 is not closed on its line",
+        ),
         (b"image_a,image_b\n", "header but no rows"),
         (b"image_a,image_b\n\n  \n", "header but no rows"),
         # the bad byte follows the header (16 bytes), 9,000 rows of 12 and the "c"
@@ -101,11 +104,20 @@ def test_a_line_with_broken_quoting_is_one_invalid_row(tmp_path):
     rows = _rows(path, "csv")
     assert [(r[1], r[2], r[3]) for r in rows] == [
         ("x", "a.jpg", "b.jpg"),
-        ("1", "", ""),  # its id is unknown: the row number
+        ("line-3", "", ""),  # its own id is unknown
         ("w", "e.jpg", "f.jpg"),
     ]
     assert rows[1][5].startswith("malformed CSV at line 3:") and "empty" not in rows[1][5]
     assert rows[0][5] == rows[2][5] == ""
+
+
+def test_a_quote_left_open_rejects_the_list_rather_than_swallow_rows(tmp_path):
+    """The open quote runs into later lines until another quote ends it: those rows
+    would vanish from the results, so the whole list is rejected, naming the line."""
+    path = tmp_path / "open.csv"
+    path.write_bytes(b'pair_id,image_a,image_b\np1,"a.jpg,b.jpg\np2,c,d\np3,"e.jpg",f\np4,g,h\n')
+    with pytest.raises(PairListError, match="opened at line 2 is not closed on its line"):
+        list(iter_pair_chunks(path, "csv"))
 
 
 def test_parquet_pair_ids_written_by_pandas_keep_their_integer_spelling(tmp_path):
