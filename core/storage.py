@@ -47,6 +47,15 @@ class ObjectTooLarge(StorageError):
         self.size, self.max_bytes = size, max_bytes
 
 
+class ObjectUnreadable(StorageError):
+    """This one object cannot be read however often it is tried (archived to Glacier, a
+    key longer than S3 allows, a local file without read permission); other objects can."""
+
+
+# S3 error codes that concern one object, not the bucket or the credentials
+_PER_OBJECT_CODES = frozenset({"InvalidObjectState", "KeyTooLongError"})
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -318,6 +327,8 @@ def _local_error(exc: OSError, url: str) -> StorageError:
     missing = (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
     if exc.errno in missing:
         return ObjectNotFound(f"{url} does not exist")
+    if exc.errno == errno.EACCES:  # this file's permissions; the others may be readable
+        return ObjectUnreadable(f"cannot read {url}: {exc}")
     return StorageError(f"cannot read {url}: {exc}")
 
 
@@ -383,6 +394,8 @@ class S3Storage(_ParquetMixin):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFound(f"{self.url_for(key)} does not exist")
+            if code in _PER_OBJECT_CODES:
+                return ObjectUnreadable(f"S3 error {code} on {self.url_for(key)}: {exc}")
             return StorageError(f"S3 error {code} on {self.url_for(key)}: {exc}")
         if isinstance(exc, EndpointConnectionError):
             return StorageError(

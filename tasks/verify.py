@@ -41,7 +41,13 @@ import pyarrow.parquet as pq
 from core.image_refs import ImageRef, RefResolver
 from core.ledger import ListVersionGone, record_processed, reject_list
 from core.pairlists import NO_LABEL, PairChunk, iter_pair_chunks, list_format, list_stem
-from core.storage import ObjectInfo, ObjectNotFound, ObjectTooLarge, StorageError
+from core.storage import (
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectTooLarge,
+    ObjectUnreadable,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +270,7 @@ def fetch_image_bytes(
     for attempt in range(attempts):
         try:
             return storage.get_bytes(key, max_bytes=max_bytes)
-        except (ObjectNotFound, ObjectTooLarge):
+        except (ObjectNotFound, ObjectTooLarge, ObjectUnreadable):
             raise
         except StorageError:
             if attempt == attempts - 1:
@@ -278,14 +284,15 @@ def load_face(storage: Any, ref: ImageRef, detect: str = "auto") -> FaceOrError:
 
     A storage failure that outlived the retries (throttling, expired credentials, access
     denied) raises: the list fails and the next run retries it, rather than its rows being
-    recorded for good as ``missing_image``."""
+    recorded for good as ``missing_image``. An object no retry can read (archived,
+    unreadable file) is ``unreadable_image``, so one such image cannot block its list."""
     from models.preprocessing import DEFAULT_PARAMS, ImageError, preprocess_image
 
     try:
         data = fetch_image_bytes(storage, ref.target, max_bytes=DEFAULT_PARAMS.max_bytes)
     except ObjectNotFound:
         return ref.cache_id, None, "missing_image", f"{ref.raw}: no such object"
-    except ObjectTooLarge as exc:
+    except (ObjectTooLarge, ObjectUnreadable) as exc:  # this image, for good
         return ref.cache_id, None, "unreadable_image", f"{ref.raw}: {exc}"
     except StorageError as exc:
         raise StorageError(f"fetching image {ref.raw!r}: {exc}") from exc

@@ -43,3 +43,26 @@ def test_a_failed_load_cancels_the_queued_ones(tmp_path: Path) -> None:
     # 256 loads were queued; those not started when it failed were dropped, not run (the
     # other worker fetched a handful during the failing image's retries)
     assert len(set(storage.gets)) < 100
+
+
+def test_an_archived_image_is_unreadable_not_a_failed_list(s3_storage) -> None:
+    """An object in Glacier cannot be read until restored: that row is unreadable_image
+    and the rest of the list goes on, instead of the list failing every night."""
+    from tasks.verify import load_face
+
+    storage = s3_storage
+    storage.client.put_object(
+        Bucket=storage.bucket,
+        Key=storage._key("images/archived.jpg"),
+        Body=fake_face_jpeg(1, 1),
+        StorageClass="GLACIER",
+    )
+    storage.put_bytes("images/ok.jpg", fake_face_jpeg(2, 1))
+    resolve = RefResolver(storage, ["images/"])
+    faces = list(
+        iter_unique_faces(storage, [resolve("images/archived.jpg"), resolve("images/ok.jpg")])
+    )
+    (_, face, status, error), ok = faces
+    assert face is None and status == "unreadable_image" and "InvalidObjectState" in error
+    assert ok[2] == "ok"
+    assert load_face(storage, resolve("images/archived.jpg"))[2] == "unreadable_image"
