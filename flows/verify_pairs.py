@@ -16,6 +16,7 @@ from core.registry import RegistryError
 from core.settings import PRECISIONS, get_settings
 from core.storage import storage_from_uri
 from tasks.verify import (
+    EmbeddingInProgress,
     check_list_key,
     check_pair_list_task,
     find_pending_lists,
@@ -129,7 +130,7 @@ def verify_pairs(
         except PairListError as exc:
             _reject(storage, info, str(exc), out, logger)
             continue
-        except ListVersionGone as exc:
+        except (ListVersionGone, EmbeddingInProgress) as exc:
             logger.warning("skipping %s: %s", info.key, exc)
             continue
         except Exception as exc:

@@ -125,6 +125,11 @@ def make_run_id(list_key: str, etag: str, model_name: str, model_version: str) -
     return digest.hexdigest()[:16]
 
 
+class EmbeddingInProgress(Exception):
+    """Another run is embedding the same images right now (a remote backend's job): this
+    run leaves the list to the next one instead of disturbing that job's files."""
+
+
 @dataclass(frozen=True)
 class ListJob:
     """One list version to verify and where its results go."""

@@ -25,10 +25,11 @@ import hashlib
 import io
 import json
 import re
+import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +45,13 @@ from tasks.backends.sagemaker_common import (
     make_boto_session,
     require_s3_storage,
 )
-from tasks.verify import EmbeddingTable, FaceOrError, Progress, iter_unique_faces
+from tasks.verify import (
+    EmbeddingInProgress,
+    EmbeddingTable,
+    FaceOrError,
+    Progress,
+    iter_unique_faces,
+)
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 SERVING_CODE = {"siamese": "inference.py", "pca": "inference_pca.py"}
@@ -322,6 +329,49 @@ def outputs_complete(storage: Any, plan: TransformInput) -> bool:
     return bool(done.get("inputs_sha256") == plan.sha256)
 
 
+LOCK = "lock.json"
+
+
+@contextlib.contextmanager
+def embedding_lock(
+    storage: Any, prefix: str, stale_after_s: float, log: Callable[[str], None]
+) -> Iterator[None]:
+    """Hold ``<prefix>lock.json`` while this run writes inputs, runs the job and reads its
+    output: two runs embedding the same images at once (nightly and on-drop) would
+    overwrite each other's shards and delete each other's output. A lock older than
+    ``stale_after_s`` (its run died) is taken over, conditionally, by one run only."""
+    key = f"{prefix}{LOCK}"
+    body = json.dumps({"since": datetime.now(UTC).isoformat(), "host": socket.gethostname()})
+    if not storage.put_if_absent(key, body.encode(), "application/json"):
+        try:
+            held_info = storage.head(key)
+            held = json.loads(storage.get_bytes(key))
+            age = (datetime.now(UTC) - datetime.fromisoformat(held["since"])).total_seconds()
+        except ObjectNotFound:  # released meanwhile: try once more
+            held_info, held, age = None, {}, None
+        except (ValueError, KeyError, TypeError):  # unreadable: treat as stale
+            held, age = {}, float("inf")
+        if age is not None and age < stale_after_s:
+            raise EmbeddingInProgress(
+                f"another run has been embedding these images since {held.get('since')} "
+                f"({storage.url_for(key)}); the list is left to the next run"
+            )
+        taken = (
+            storage.put_if_absent(key, body.encode(), "application/json")
+            if held_info is None
+            else storage.put_if_match(key, body.encode(), held_info.etag, "application/json")
+        )
+        if not taken:
+            raise EmbeddingInProgress(f"another run took {storage.url_for(key)} first")
+        if held_info is not None:
+            log(f"[sagemaker] took over a stale lock from {held.get('since')}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # left behind, it goes stale and is taken over
+            storage.delete(key)
+
+
 def clear_previous_job(storage: Any, plan: TransformInput) -> None:
     """Before a new job: drop the last job's ``done.json`` and outputs, and input shards
     this plan does not have. A new job that then fails part-way leaves no output a later
@@ -359,6 +409,36 @@ def embed_with_transform(
     digest = job_digest(pointer, cache_ids)
     version_root = f"transform/{_safe_name(pointer['name'] + '-' + pointer['version'])}/"
     prefix = f"{version_root}{digest}/"
+    with embedding_lock(storage, prefix, timeout_s + 3600, log):
+        return _embed_locked(
+            storage, pointer, faces, table, prefix, version_root, digest, start,
+            role_arn=role_arn, region=region, instance_type=instance_type,
+            instance_count=instance_count, timeout_s=timeout_s, poll_s=poll_s,
+            boto_session=boto_session, endpoints=endpoints, shard_faces=shard_faces, log=log,
+        )  # fmt: skip
+
+
+def _embed_locked(
+    storage: Any,
+    pointer: dict[str, Any],
+    faces: Iterable[FaceOrError],
+    table: EmbeddingTable,
+    prefix: str,
+    version_root: str,
+    digest: str,
+    start: float,
+    *,
+    role_arn: str,
+    region: str,
+    instance_type: str,
+    instance_count: int,
+    timeout_s: float,
+    poll_s: float,
+    boto_session: Any,
+    endpoints: dict[str, str | None] | None,
+    shard_faces: int,
+    log: Callable[[str], None],
+) -> EmbeddingTable:
     plan = write_transform_input(storage, faces, prefix, table, shard_faces)
     if not plan.shards:
         return table

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tarfile
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +31,13 @@ from tasks.backends.sagemaker_transform import (
     embed_with_transform,
     wait_for_transform,
 )
-from tasks.verify import ListJob, iter_unique_faces, make_run_id, verify_list
+from tasks.verify import (
+    EmbeddingInProgress,
+    ListJob,
+    iter_unique_faces,
+    make_run_id,
+    verify_list,
+)
 from tests.fake_lfw import fake_face_jpeg
 
 pytestmark = pytest.mark.sagemaker
@@ -252,9 +259,22 @@ def test_pca_transform_requests_and_scoring(s3_storage, moto_endpoint, pca_model
     storage.put_bytes("images/p0_0.jpg", fake_face_jpeg(1, 20))
     entry3 = verify_list(storage, job, pointer["threshold"], embed_unique, ["images/"], tmp_path)
     assert len(captured["CreateTransformJob"]) == 3
-    assert at_start == [[f"{job_prefix}input/part-{n:05d}.jsonl" for n in range(3)]]
+    shards = [f"{job_prefix}input/part-{n:05d}.jsonl" for n in range(3)]
+    assert at_start == [sorted([*shards, f"{job_prefix}lock.json"])]  # held by this run
     assert entry3["metrics"]["status_counts"] == entry["metrics"]["status_counts"]
-    assert storage.exists(done_key)
+    assert storage.exists(done_key) and not storage.exists(f"{job_prefix}lock.json")
+
+    # another run embedding the same images holds the lock: this one leaves the list
+    lock = f"{job_prefix}lock.json"
+    storage.put_bytes(lock, json.dumps({"since": datetime.now(UTC).isoformat()}).encode())
+    with pytest.raises(EmbeddingInProgress, match="another run has been embedding"):
+        verify_list(storage, job, pointer["threshold"], embed_unique, ["images/"], tmp_path)
+    assert storage.exists(lock)  # not ours to remove
+    # a lock left by a run that died is taken over once stale; released when done
+    storage.put_bytes(lock, json.dumps({"since": "2000-01-01T00:00:00+00:00"}).encode())
+    verify_list(storage, job, pointer["threshold"], embed_unique, ["images/"], tmp_path)
+    assert any("took over a stale lock" in line for line in logs)
+    assert not storage.exists(lock) and len(captured["CreateTransformJob"]) == 3  # reused
 
 
 def test_failed_transform_surfaces_reason():
