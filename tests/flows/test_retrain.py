@@ -235,6 +235,50 @@ def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_
     assert decision["challenger_value"] != pytest.approx(model["accuracy"])  # not the full pairs
 
 
+@pytest.mark.slow
+def test_gate_falls_back_to_the_recorded_figure_when_too_few_people_remain(
+    storage: S3Storage, tmp_path
+) -> None:
+    """After a re-split with small val/test shares, nearly every val/test person was in
+    the champion's training data: no fair pairs remain, so the champion's recorded figure
+    is the bar, and the run says so."""
+    from core import dataset as ds
+    from flows.ingest_lfw import ingest_lfw
+    from flows.retrain import retrain
+    from tests.fake_lfw import build_fake_lfw
+
+    fake = build_fake_lfw(tmp_path / "lfw", n_people=60, max_images=6)
+    version_a, version_b = (
+        ingest_lfw(
+            data_home=str(fake.data_home), storage_uri=storage.uri, seed=seed,
+            val_fraction=0.1, test_fraction=0.1,
+        )["version"]
+        for seed in (1, 2)
+    )  # fmt: skip
+
+    def split_of(version: str) -> dict[str, str]:
+        t = ds.read_faces(storage, version, ["person", "split"])
+        return dict(zip(t.column("person").to_pylist(), t.column("split").to_pylist(), strict=True))
+
+    a, b = split_of(version_a), split_of(version_b)
+    unseen_test = {p for p, s in b.items() if s == "test" and a[p] == "test"}
+    assert len(unseen_test) < 2  # the setup: no different pairs can be made any more
+
+    first = retrain(models=["pca"], pca_components=10, data_version=version_a, **SMALL)
+    v1 = first["models"]["pca"]["version"]
+    state = retrain(
+        models=["pca"], pca_components=10, data_version=version_b, return_state=True, **SMALL
+    )
+    out = state.result()
+    v2 = out["models"]["pca"]["version"]
+    decision = json.loads(storage.get_bytes(registry.version_prefix("pca", v2) + "promotion.json"))
+    assert decision["champion_version"] == v1
+    assert decision["champion_value_source"] == "recorded"
+    assert decision["champion_value"] == pytest.approx(first["models"]["pca"]["accuracy"])
+    logs = _flow_logs(state.state_details.flow_run_id)
+    assert any("using its recorded figure" in m for m in logs)
+
+
 def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
     from core.dataset import DatasetNotFound
     from flows.retrain import retrain
