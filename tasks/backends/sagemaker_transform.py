@@ -410,81 +410,52 @@ def embed_with_transform(
     version_root = f"transform/{_safe_name(pointer['name'] + '-' + pointer['version'])}/"
     prefix = f"{version_root}{digest}/"
     with embedding_lock(storage, prefix, timeout_s + 3600, log):
-        return _embed_locked(
-            storage, pointer, faces, table, prefix, version_root, digest, start,
-            role_arn=role_arn, region=region, instance_type=instance_type,
-            instance_count=instance_count, timeout_s=timeout_s, poll_s=poll_s,
-            boto_session=boto_session, endpoints=endpoints, shard_faces=shard_faces, log=log,
-        )  # fmt: skip
-
-
-def _embed_locked(
-    storage: Any,
-    pointer: dict[str, Any],
-    faces: Iterable[FaceOrError],
-    table: EmbeddingTable,
-    prefix: str,
-    version_root: str,
-    digest: str,
-    start: float,
-    *,
-    role_arn: str,
-    region: str,
-    instance_type: str,
-    instance_count: int,
-    timeout_s: float,
-    poll_s: float,
-    boto_session: Any,
-    endpoints: dict[str, str | None] | None,
-    shard_faces: int,
-    log: Callable[[str], None],
-) -> EmbeddingTable:
-    plan = write_transform_input(storage, faces, prefix, table, shard_faces)
-    if not plan.shards:
-        return table
-    if outputs_complete(storage, plan):
-        log(f"[sagemaker] reusing finished transform output under {prefix}")
-    else:
-        clear_previous_job(storage, plan)
-        boto_session = boto_session or make_boto_session(region, endpoints)
-        archive, kind = repack_with_serving_code(storage.get_bytes(pointer["artifact_key"]))
-        # one archive and one SageMaker Model per (version, serving code): a changed
-        # inference script gets a new Model instead of the one made from the first archive
-        archive_sha = hashlib.sha256(archive).hexdigest()
-        artifact_key = f"{version_root}model-{archive_sha[:12]}/model.tar.gz"
-        if not storage.exists(artifact_key):
-            storage.put_bytes(artifact_key, archive, "application/gzip")
-        model_name = _safe_name(
-            f"facereid-{pointer['name']}-{pointer['version']}-{archive_sha[:8]}"
-        )
-        image = image_uri(kind, region, instance_type, scope="inference")
-        ensure_model(
-            boto_session,
-            model_name,
-            image,
-            storage.url_for(artifact_key),
-            role_arn,
-            container_environment(kind, region),
-        )
-        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-        job_name = _safe_name(f"facereid-embed-{digest[:12]}-{stamp}")
-        job = start_transform_job(
-            boto_session,
-            job_name,
-            model_name,
-            storage.url_for(plan.input_prefix),
-            storage.url_for(plan.output_prefix),
-            instance_type,
-            instance_count,
-        )
-        log(f"[sagemaker] submitted {job_name}: {len(plan.shards)} shard(s), {instance_count}x")
-        wait_for_transform(job, timeout_s, poll_s, log)
-        storage.put_bytes(
-            plan.done_key,
-            json.dumps({"job": job_name, "inputs_sha256": plan.sha256}, indent=2).encode(),
-            "application/json",
-        )
-    read_transform_output(storage, plan, table)
+        plan = write_transform_input(storage, faces, prefix, table, shard_faces)
+        if not plan.shards:
+            return table
+        if outputs_complete(storage, plan):
+            log(f"[sagemaker] reusing finished transform output under {prefix}")
+        else:
+            clear_previous_job(storage, plan)
+            boto_session = boto_session or make_boto_session(region, endpoints)
+            archive, kind = repack_with_serving_code(storage.get_bytes(pointer["artifact_key"]))
+            # one archive and one SageMaker Model per (version, serving code): a changed
+            # inference script gets a new Model instead of the one made from the first archive
+            archive_sha = hashlib.sha256(archive).hexdigest()
+            artifact_key = f"{version_root}model-{archive_sha[:12]}/model.tar.gz"
+            if not storage.exists(artifact_key):
+                storage.put_bytes(artifact_key, archive, "application/gzip")
+            model_name = _safe_name(
+                f"facereid-{pointer['name']}-{pointer['version']}-{archive_sha[:8]}"
+            )
+            image = image_uri(kind, region, instance_type, scope="inference")
+            ensure_model(
+                boto_session,
+                model_name,
+                image,
+                storage.url_for(artifact_key),
+                role_arn,
+                container_environment(kind, region),
+            )
+            stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+            job_name = _safe_name(f"facereid-embed-{digest[:12]}-{stamp}")
+            job = start_transform_job(
+                boto_session,
+                job_name,
+                model_name,
+                storage.url_for(plan.input_prefix),
+                storage.url_for(plan.output_prefix),
+                instance_type,
+                instance_count,
+            )
+            log(f"[sagemaker] submitted {job_name}: {len(plan.shards)} shard(s), {instance_count}x")
+            wait_for_transform(job, timeout_s, poll_s, log)
+            storage.put_bytes(
+                plan.done_key,
+                json.dumps({"job": job_name, "inputs_sha256": plan.sha256}, indent=2).encode(),
+                "application/json",
+            )
+        read_transform_output(storage, plan, table)
     table.seconds = time.perf_counter() - start
     return table
 
