@@ -164,36 +164,50 @@ def test_retrain_registers_promotes_and_keeps_a_better_champion(
     assert production == (v3 if decision["promoted"] else v1)
 
 
+def _ingest_with_two_seeds(
+    storage: S3Storage, tmp_path: Path, n_people: int, fraction: float
+) -> tuple[str, str]:
+    """One fake LFW tree ingested with split seeds 1 and 2 (val and test ``fraction``
+    each): two dataset versions that deal the same people to different splits."""
+    from flows.ingest_lfw import ingest_lfw
+    from tests.fake_lfw import build_fake_lfw
+
+    fake = build_fake_lfw(tmp_path / "lfw", n_people=n_people, max_images=6)
+    versions = [
+        ingest_lfw(
+            data_home=str(fake.data_home), storage_uri=storage.uri, seed=seed,
+            val_fraction=fraction, test_fraction=fraction,
+        )["version"]
+        for seed in (1, 2)
+    ]  # fmt: skip
+    return versions[0], versions[1]
+
+
+def _split_of(storage: S3Storage, version: str) -> dict[str, str]:
+    """person -> split in a dataset version."""
+    from core import dataset as ds
+
+    t = ds.read_faces(storage, version, ["person", "split"])
+    persons, splits = t.column("person").to_pylist(), t.column("split").to_pylist()
+    return dict(zip(persons, splits, strict=True))
+
+
 @pytest.mark.slow
 def test_champion_is_not_scored_on_people_it_trained_on(storage: S3Storage, tmp_path) -> None:
     """A re-ingest with another seed deals people to other splits: the gate leaves out the
     val/test people the champion trained on, for both models, so neither is flattered."""
     from core import dataset as ds
-    from flows.ingest_lfw import ingest_lfw
     from flows.retrain import retrain
-    from tests.fake_lfw import build_fake_lfw
 
-    fake = build_fake_lfw(tmp_path / "lfw", n_people=150, max_images=6)
     # big val/test shares, so that the people both versions keep out of training are enough
     # to make pairs from
-    version_a, version_b = (
-        ingest_lfw(
-            data_home=str(fake.data_home), storage_uri=storage.uri, seed=seed,
-            val_fraction=0.3, test_fraction=0.3,
-        )["version"]
-        for seed in (1, 2)
-    )  # fmt: skip
+    version_a, version_b = _ingest_with_two_seeds(storage, tmp_path, 150, 0.3)
     assert version_b != version_a
     first = retrain(models=["pca"], pca_components=20, data_version=version_a, **SMALL)
     v1 = first["models"]["pca"]["version"]
     assert registry.get_production(storage, "pca")["data_version"] == version_a
 
-    def split_of(version: str) -> dict[str, str]:
-        t = ds.read_faces(storage, version, ["person", "split"])
-        persons, splits = t.column("person").to_pylist(), t.column("split").to_pylist()
-        return dict(zip(persons, splits, strict=True))
-
-    a, b = split_of(version_a), split_of(version_b)
+    a, b = _split_of(storage, version_a), _split_of(storage, version_b)
     seen = {p for p, s in b.items() if s != "train" and a[p] != "test"}
     assert seen  # the new seed put some of the champion's people into val/test
 
@@ -242,25 +256,10 @@ def test_gate_falls_back_to_the_recorded_figure_when_too_few_people_remain(
     """After a re-split with small val/test shares, nearly every val/test person was in
     the champion's training data: no fair pairs remain, so the champion's recorded figure
     is the bar, and the run says so."""
-    from core import dataset as ds
-    from flows.ingest_lfw import ingest_lfw
     from flows.retrain import retrain
-    from tests.fake_lfw import build_fake_lfw
 
-    fake = build_fake_lfw(tmp_path / "lfw", n_people=60, max_images=6)
-    version_a, version_b = (
-        ingest_lfw(
-            data_home=str(fake.data_home), storage_uri=storage.uri, seed=seed,
-            val_fraction=0.1, test_fraction=0.1,
-        )["version"]
-        for seed in (1, 2)
-    )  # fmt: skip
-
-    def split_of(version: str) -> dict[str, str]:
-        t = ds.read_faces(storage, version, ["person", "split"])
-        return dict(zip(t.column("person").to_pylist(), t.column("split").to_pylist(), strict=True))
-
-    a, b = split_of(version_a), split_of(version_b)
+    version_a, version_b = _ingest_with_two_seeds(storage, tmp_path, 60, 0.1)
+    a, b = _split_of(storage, version_a), _split_of(storage, version_b)
     unseen_test = {p for p, s in b.items() if s == "test" and a[p] == "test"}
     assert len(unseen_test) < 2  # the setup: no different pairs can be made any more
 

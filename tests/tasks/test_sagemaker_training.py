@@ -300,16 +300,22 @@ def test_wait_timeout_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Pa
         [{"TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"}]
     )
     boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", answer)
-    stopped: list[str] = []
-    boto_session.events.register(
-        "before-parameter-build.sagemaker.StopTrainingJob",
-        lambda params, **_: stopped.append(params["TrainingJobName"]),
-    )
+    stopped = record_stops(boto_session)
     job = _started_job(s3_storage, boto_session, tmp_path)
     with pytest.raises(TrainingJobFailed, match="timeout") as err:
         wait_for_job(job, timeout_s=0, poll_s=0, log=lambda _: None)
     assert stopped == [job.training_job_name]
     assert err.value.status.startswith("InProgress")
+
+
+def record_stops(boto_session: Any) -> list[str]:
+    """The names of the jobs StopTrainingJob is called for, as the calls are built."""
+    stopped: list[str] = []
+    boto_session.events.register(
+        "before-parameter-build.sagemaker.StopTrainingJob",
+        lambda params, **_: stopped.append(params["TrainingJobName"]),
+    )
+    return stopped
 
 
 def _started_job(s3_storage, boto_session, tmp_path: Path) -> Any:
@@ -366,11 +372,7 @@ def test_polling_that_keeps_failing_stops_the_job(
         return answer(params, **kw)
 
     boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", flaky)
-    stopped: list[str] = []
-    boto_session.events.register(
-        "before-parameter-build.sagemaker.StopTrainingJob",
-        lambda params, **_: stopped.append(params["TrainingJobName"]),
-    )
+    stopped = record_stops(boto_session)
     job = _started_job(s3_storage, boto_session, tmp_path)  # creating it describes it too
     outage["left"] = 1
     logs: list[str] = []
@@ -391,11 +393,7 @@ def test_a_cancelled_wait_stops_the_job(s3_storage, moto_endpoint: str, tmp_path
     boto_session = moto_boto_session(moto_endpoint)
     answer, _ = canned_describe([{"TrainingJobStatus": "InProgress", "SecondaryStatus": "x"}])
     boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", answer)
-    stopped: list[str] = []
-    boto_session.events.register(
-        "before-parameter-build.sagemaker.StopTrainingJob",
-        lambda params, **_: stopped.append(params["TrainingJobName"]),
-    )
+    stopped = record_stops(boto_session)
     job = _started_job(s3_storage, boto_session, tmp_path)
 
     def interrupted(_seconds: float) -> None:
