@@ -39,18 +39,22 @@ def hyperparameters_for(
     pca_components: int,
     siamese_epochs: int,
     siamese_max_train_seconds: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The entry point's flags (names as its argparse spells them, without ``--``)."""
+    """The entry point's flags (names as its argparse spells them, without ``--``);
+    ``extra`` (the run's ``extra_hyperparameters`` for this model) adds or overrides."""
     common = {"view2-folds": 10 if run_view2 else 0, "eval-pairs": eval_pairs, "seed": seed}
     if model == "pca":
-        return {"n-components": pca_components, **common}
-    if model == "siamese":
-        return {
+        own = {"n-components": pca_components, **common}
+    elif model == "siamese":
+        own = {
             "epochs": siamese_epochs,
             "max-train-seconds": siamese_max_train_seconds,
             **common,
         }
-    raise ValueError(f"unknown model {model!r}")
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    return own | dict(extra or {})
 
 
 # flags the champion's re-evaluation must share with the challenger: set by the flow's own
@@ -147,8 +151,8 @@ def retrain(
             pca_components=pca_components,
             siamese_epochs=siamese_epochs,
             siamese_max_train_seconds=siamese_max_train_seconds,
+            extra=(extra_hyperparameters or {}).get(m),
         )
-        | dict((extra_hyperparameters or {}).get(m) or {})
         for m in wanted
     }
 
