@@ -53,6 +53,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         kwargs["siamese_epochs"] = args.siamese_epochs
     if args.siamese_max_train_seconds is not None:
         kwargs["siamese_max_train_seconds"] = args.siamese_max_train_seconds
+    if args.siamese_mixed_precision:
+        kwargs["siamese_mixed_precision"] = True
     if args.backend:
         kwargs["backend"] = args.backend
     _print(retrain(**kwargs))
@@ -202,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "sagemaker"], default=None)
     p.add_argument("--siamese-epochs", type=int, default=None)
     p.add_argument("--siamese-max-train-seconds", type=int, default=None)
+    p.add_argument(
+        "--siamese-mixed-precision",
+        action="store_true",
+        help="train the Siamese net in bfloat16 (the weekly deployment's recipe)",
+    )
     p.add_argument(
         "--view2",
         type=model_list,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +41,7 @@ def hyperparameters_for(
     pca_components: int,
     siamese_epochs: int,
     siamese_max_train_seconds: int,
+    siamese_mixed_precision: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The entry point's flags (names as its argparse spells them, without ``--``);
@@ -50,6 +53,7 @@ def hyperparameters_for(
         own = {
             "epochs": siamese_epochs,
             "max-train-seconds": siamese_max_train_seconds,
+            "mixed-precision": int(siamese_mixed_precision),
             **common,
         }
     else:
@@ -62,6 +66,14 @@ def hyperparameters_for(
 GATE_FLAGS = frozenset({"seed", "eval-pairs", "view2-folds"})
 
 
+def entry_point_flags(model: str) -> set[str]:
+    """Flag names the model's entry point accepts (imported only to read its parser)."""
+    from models.loading import option_names
+
+    entry = importlib.import_module(f"models.train_{model}")
+    return option_names(entry.build_parser())
+
+
 def check_run_parameters(
     eval_pairs: int, extra_hyperparameters: dict[str, dict[str, Any]] | None
 ) -> None:
@@ -71,6 +83,13 @@ def check_run_parameters(
     for model, flags in (extra_hyperparameters or {}).items():
         if model not in ("pca", "siamese"):
             raise ValueError(f"extra_hyperparameters: unknown model {model!r} (pca, siamese)")
+        known = entry_point_flags(model)
+        unknown = sorted(k for k in flags or {} if k not in known)
+        if unknown:
+            raise ValueError(
+                f"extra_hyperparameters[{model!r}]: {unknown} not flags of "
+                f"models/train_{model}.py (see `python -m models.train_{model} --help`)"
+            )
         gate = sorted(k for k in flags or {} if k.replace("_", "-") in GATE_FLAGS)
         if gate:
             raise ValueError(
@@ -93,6 +112,7 @@ def retrain(
     pca_components: int = 200,
     siamese_epochs: int = 20,
     siamese_max_train_seconds: int = 1800,
+    siamese_mixed_precision: bool = False,
     eval_pairs: int = 2000,
     seed: int = 0,
     gate_metric: GateMetric = "accuracy",
@@ -112,6 +132,8 @@ def retrain(
         pca_components: number of principal components of the PCA model.
         siamese_epochs: maximum training epochs of the Siamese net.
         siamese_max_train_seconds: time budget of one Siamese training.
+        siamese_mixed_precision: train the Siamese net in bfloat16 (float32 variables;
+            the saved model computes in float32): faster on CPUs with native bfloat16.
         eval_pairs: same/different pairs drawn from each of the val and test splits.
         seed: seed of the training runs and of the evaluation pairs.
         gate_metric: test-split figure a new model must beat to be promoted.
@@ -151,14 +173,17 @@ def retrain(
             pca_components=pca_components,
             siamese_epochs=siamese_epochs,
             siamese_max_train_seconds=siamese_max_train_seconds,
+            siamese_mixed_precision=siamese_mixed_precision,
             extra=(extra_hyperparameters or {}).get(m),
         )
         for m in wanted
     }
 
+    cancel_key = f"{flow_run.get_id() or 'local'}-{uuid.uuid4().hex}"
+
     def submit(m: str) -> Any:
         return train_model.with_options(name=f"train-{m}").submit(
-            m, backend, storage, version, dataset_dir, hp[m], work_root / m, settings
+            m, backend, storage, version, dataset_dir, hp[m], work_root / m, settings, cancel_key
         )
 
     # SageMaker jobs run remotely: submit them all and wait together. Locally the two
@@ -167,9 +192,7 @@ def retrain(
     trained: dict[str, Any] = {}
     try:
         if backend == "sagemaker":
-            futures = {m: submit(m) for m in wanted}
-            for m, fut in futures.items():
-                trained[m] = _outcome(fut)
+            trained = collect_remote_trainings({m: submit(m) for m in wanted}, cancel_key)
         else:
             for m in wanted:
                 trained[m] = _outcome(submit(m))
@@ -286,6 +309,25 @@ def _scratch(cache_dir: Path) -> Path:
     path = Path(cache_dir) / "retrain"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def collect_remote_trainings(
+    futures: dict[str, Any], cancel_key: str, grace_s: float = 120.0
+) -> dict[str, Any]:
+    """Each model's outcome. If the run is cancelled (the signal reaches this, the main
+    thread, only), the task threads are told to stop their jobs and given ``grace_s`` to
+    do so before the cancellation goes on."""
+    from tasks.backends.sagemaker_training import cancel_event, forget_cancel_event
+
+    try:
+        return {m: _outcome(fut) for m, fut in futures.items()}
+    except BaseException:
+        cancel_event(cancel_key).set()
+        for fut in futures.values():
+            fut.wait(timeout=grace_s)
+        raise
+    finally:
+        forget_cancel_event(cancel_key)
 
 
 def _outcome(future: Any) -> Any:

@@ -373,6 +373,27 @@ def add_script_mode_args(
     )
 
 
+def str2bool(value: str | bool) -> bool:
+    """Boolean hyperparameters as SageMaker and JSON render them: 1/0, true/false, yes/no."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """No abbreviations: ``--eval-pair`` must not silently become ``--eval-pairs``."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False)
+
+
+def option_names(p: argparse.ArgumentParser) -> set[str]:
+    """Every spelling of every flag the parser accepts, without the leading ``--``."""
+    return {o.removeprefix("--") for a in p._actions for o in a.option_strings}
+
+
 def parse_script_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parse_known_args``: SageMaker may pass flags a script does not know; say so."""
     args, unknown = p.parse_known_args(argv)

@@ -25,19 +25,11 @@ from models.loading import (  # noqa: E402
     evaluate_on_channel,
     parse_script_args,
     read_channel,
+    script_parser,
+    str2bool,
     write_training_outputs,
 )
 from models.pca import PCAEmbedder  # noqa: E402
-
-
-def str2bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
 def optional_int(value: str) -> int:
@@ -49,8 +41,8 @@ def lda_flag(value: str) -> bool | str:
     return "auto" if value.lower() == "auto" else str2bool(value)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the PCA face embedder (script mode).")
+def build_parser() -> argparse.ArgumentParser:
+    p = script_parser("Train the PCA face embedder (script mode).")
     # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
     p.add_argument("--n-components", "--n_components", type=int, default=200)
     p.add_argument(
@@ -70,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lda-shrinkage", "--lda_shrinkage", type=float, default=1e-3)
     p.add_argument("--flip-augment", "--flip_augment", type=str2bool, default=True)
     add_script_mode_args(p, view2_folds=10, seed=0, view2_calibration=OTHER_FOLDS)
-    return parse_script_args(p, argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_script_args(build_parser(), argv)
 
 
 def hyperparameters(args: argparse.Namespace) -> dict:

@@ -28,6 +28,8 @@ from models.loading import (  # noqa: E402
     evaluate_on_channel,
     parse_script_args,
     read_channel,
+    script_parser,
+    str2bool,
     write_training_outputs,
 )
 from models.siamese import SiameseConfig, train_siamese  # noqa: E402
@@ -42,9 +44,9 @@ def int_list(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(value).replace(" ", "").strip("[]()").split(",") if v)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     d = SiameseConfig()
-    p = argparse.ArgumentParser(description="Train the Siamese face embedder (script mode).")
+    p = script_parser("Train the Siamese face embedder (script mode).")
     # hyperparameters (SageMaker may pass them as --snake_case or --kebab-case)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument(
@@ -71,20 +73,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mixed-precision",
         "--mixed_precision",
-        type=int,
-        default=int(d.mixed_precision),
+        type=str2bool,
+        default=d.mixed_precision,
         help="1 = train in bfloat16 (float32 variables); the saved model computes in float32",
     )
     p.add_argument(
         "--export-savedmodel",
         "--export_savedmodel",
-        type=int,
-        default=1,
+        type=str2bool,
+        default=True,
         help="1 = write savedmodel/1/",
     )
     add_script_mode_args(p, view2_folds=0, seed=d.seed, view2_calibration=HELD_OUT)
-    args = parse_script_args(p, argv)
-    return args
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_script_args(build_parser(), argv)
 
 
 def make_config(args: argparse.Namespace, face_shape: tuple[int, int]) -> SiameseConfig:

@@ -84,8 +84,12 @@ def train_model(
     hyperparameters: dict[str, Any],
     work_dir: Path,
     settings: Any,
+    cancel_key: str | None = None,
 ) -> TrainingResult:
-    """Train one model on the chosen backend; its output streams into this task's log."""
+    """Train one model on the chosen backend; its output streams into this task's log.
+
+    ``cancel_key``: the flow's key for :func:`cancel_event`, which stops a SageMaker job
+    whose wait this task thread is in."""
     logger = get_run_logger()
     log = logger.info
     if backend == "local":
@@ -94,7 +98,11 @@ def train_model(
         assert dataset_dir is not None
         return train_locally(model, dataset_dir, hyperparameters, work_dir, log=log)
     if backend == "sagemaker":
-        from tasks.backends.sagemaker_training import instance_type_for, train_on_sagemaker
+        from tasks.backends.sagemaker_training import (
+            cancel_event,
+            instance_type_for,
+            train_on_sagemaker,
+        )
 
         return train_on_sagemaker(
             model,
@@ -108,6 +116,7 @@ def train_model(
             timeout_s=settings.sagemaker_job_timeout_s,
             endpoints={"s3": settings.s3_endpoint_url},
             log=log,
+            cancel=cancel_event(cancel_key) if cancel_key else None,
         )
     raise ValueError(f"unknown backend {backend!r}; expected local or sagemaker")
 

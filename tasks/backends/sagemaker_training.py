@@ -11,6 +11,7 @@ Failed/Stopped job raises :class:`TrainingJobFailed` carrying SageMaker's Failur
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,27 @@ def build_model_trainer(
 MAX_REFRESH_ERRORS = 5
 
 
+class TrainingWaitCancelled(Exception):
+    """The run gave up waiting (cancelled from another thread); the job was stopped."""
+
+
+# Waits run in task-runner threads, where a cancelled run's signal never arrives (Prefect
+# raises it in the main thread): the flow sets the event of its run key instead.
+_CANCELS: dict[str, threading.Event] = {}
+_CANCELS_LOCK = threading.Lock()
+
+
+def cancel_event(run_key: str) -> threading.Event:
+    """The event that cancels every wait of one flow run (created on first use)."""
+    with _CANCELS_LOCK:
+        return _CANCELS.setdefault(run_key, threading.Event())
+
+
+def forget_cancel_event(run_key: str) -> None:
+    with _CANCELS_LOCK:
+        _CANCELS.pop(run_key, None)
+
+
 def wait_for_job(
     job: Any,
     *,
@@ -109,19 +131,30 @@ def wait_for_job(
     poll_s: float,
     log: Callable[[str], None],
     sleep: Callable[[float], None] = time.sleep,
+    cancel: threading.Event | None = None,
 ) -> Any:
     """Poll ``job`` (a ``sagemaker.core.resources.TrainingJob``) until it ends.
 
     Logs every status change; raises :class:`TrainingJobFailed` with the FailureReason
     (or the secondary status, e.g. MaxRuntimeExceeded) on Failed or Stopped. A job this
-    wait gives up on (timeout, polling that keeps failing, a cancelled run) is stopped,
-    so it does not go on billing with nobody to register its model.
+    wait gives up on (timeout, polling that keeps failing, a cancelled run: an interrupt
+    in this thread or ``cancel`` set from another) is stopped, so it does not go on
+    billing with nobody to register its model.
     """
     started = time.monotonic()
     last = None
     errors = 0
+
+    def pause(seconds: float) -> None:
+        if cancel is None:
+            if seconds:
+                sleep(seconds)
+        elif cancel.wait(seconds):  # wait(0) just reads the flag
+            raise TrainingWaitCancelled(f"{job.training_job_name}: the run was cancelled")
+
     try:
         while True:
+            pause(0)  # cancelled before this poll?
             try:
                 job.refresh()
             except Exception as exc:  # throttling or a network blip: poll again, a few times
@@ -129,7 +162,7 @@ def wait_for_job(
                 if errors >= MAX_REFRESH_ERRORS:
                     raise
                 log(f"[sagemaker] {job.training_job_name}: status unavailable ({exc}); retrying")
-                sleep(poll_s)
+                pause(poll_s)
                 continue
             errors = 0
             status = str(job.training_job_status)
@@ -153,7 +186,7 @@ def wait_for_job(
                     f"{status} after the {timeout_s:.0f}s timeout (stop requested)",
                     "no terminal status within the job's max runtime plus the wait grace period",
                 )
-            sleep(poll_s)
+            pause(poll_s)
     except TrainingJobFailed:
         raise  # the job ended on its own, or was stopped above
     except BaseException:
@@ -192,11 +225,13 @@ def train_on_sagemaker(
     endpoints: dict[str, str | None] | None = None,
     source_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    cancel: threading.Event | None = None,
 ) -> TrainingResult:
     """Run ``train_<model>.py`` as a SageMaker training job and fetch its model.
 
     ``boto_session`` (or ``endpoints`` to build one) decides where AWS calls go; tests
-    pass a moto-backed session with request hooks registered on it.
+    pass a moto-backed session with request hooks registered on it. Setting ``cancel``
+    stops the job and ends the wait with :class:`TrainingWaitCancelled`.
     """
     from models.source_dir import stage_source_dir
 
@@ -228,7 +263,7 @@ def train_on_sagemaker(
     trainer.train(input_data_config=[channel], wait=False, logs=False)
     job = trainer._latest_training_job  # the SDK's handle on the job it just created
     log(f"[sagemaker] submitted {job.training_job_name} ({instance_type})")
-    wait_for_job(job, timeout_s=timeout_s + WAIT_GRACE_S, poll_s=poll_s, log=log)
+    wait_for_job(job, timeout_s=timeout_s + WAIT_GRACE_S, poll_s=poll_s, log=log, cancel=cancel)
     artifact_uri = _plain(getattr(job.model_artifacts, "s3_model_artifacts", None))
     if not artifact_uri:
         raise TrainingError(f"SageMaker job {job.training_job_name} completed without artifacts")

@@ -121,6 +121,7 @@ def check_weekly_siamese_recipe(deployed: dict[str, Any]) -> None:
         pca_components=params["pca_components"],
         siamese_epochs=params["siamese_epochs"],
         siamese_max_train_seconds=params["siamese_max_train_seconds"],
+        siamese_mixed_precision=params["siamese_mixed_precision"],
         extra=(params["extra_hyperparameters"] or {}).get("siamese"),
     )
     config = make_config(parse_args(hyperparameters_to_cli_args(flags)), (68, 56))

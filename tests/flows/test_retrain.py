@@ -295,6 +295,12 @@ def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
         ({"extra_hyperparameters": {"pca": {"seed": 3}}}, r"sets \['seed'\]"),
         ({"extra_hyperparameters": {"siamese": {"view2_folds": 2}}}, "view2_folds"),
         ({"extra_hyperparameters": {"siamse": {"epochs": 2}}}, "unknown model 'siamse'"),
+        # a typo or an abbreviation would be dropped or expanded by the entry point's parser
+        (
+            {"extra_hyperparameters": {"siamese": {"mixed_precison": 1}}},
+            r"\['mixed_precison'\] not flags of models/train_siamese.py",
+        ),
+        ({"extra_hyperparameters": {"pca": {"eval-pair": 200}}}, r"\['eval-pair'\] not flags"),
     ],
 )
 def test_parameters_that_would_skew_the_gate_are_refused(storage: S3Storage, kwargs, message):
@@ -333,6 +339,7 @@ def test_retrain_both_models(storage: S3Storage, tmp_path: Path) -> None:
         pca_components=20,
         siamese_epochs=1,
         siamese_max_train_seconds=60,
+        siamese_mixed_precision=True,
         extra_hyperparameters={"siamese": tiny},
         **SMALL,
     )
@@ -343,6 +350,7 @@ def test_retrain_both_models(storage: S3Storage, tmp_path: Path) -> None:
         assert pointer["kind"] == name
     metrics = registry.get_metrics(storage, "siamese", out["models"]["siamese"]["version"])
     assert metrics["card"]["hyperparameters"]["filters"] == [8, 16]
+    assert metrics["card"]["hyperparameters"]["mixed_precision"] is True
     report = storage.get_bytes(out["report_key"]).decode()
     assert "| siamese |" in report and "| pca |" in report
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -401,4 +405,77 @@ def test_a_cancelled_wait_stops_the_job(s3_storage, moto_endpoint: str, tmp_path
 
     with pytest.raises(KeyboardInterrupt):
         wait_for_job(job, timeout_s=60, poll_s=1, log=lambda _: None, sleep=interrupted)
+    assert stopped == [job.training_job_name]
+
+
+def _in_progress_job(s3_storage, moto_endpoint: str, tmp_path: Path):
+    """A job DescribeTrainingJob reports InProgress forever, and the jobs stopped."""
+    boto_session = moto_boto_session(moto_endpoint)
+    answer, calls = canned_describe([{"TrainingJobStatus": "InProgress", "SecondaryStatus": "x"}])
+    boto_session.events.register("before-call.sagemaker.DescribeTrainingJob", answer)
+    stopped = record_stops(boto_session)
+    return _started_job(s3_storage, boto_session, tmp_path), calls, stopped
+
+
+def _when_polled(calls: list[str], action: Any) -> threading.Thread:
+    """Run ``action`` once the wait has polled the job after its creation (10 s at most)."""
+
+    def go() -> None:
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        action()
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_wait_cancelled_from_another_thread_stops_the_job(
+    s3_storage, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """Waits run in task-runner threads, which a cancelled run's signal never reaches: the
+    flow sets the wait's event, and the wait stops the job at once (not after its poll)."""
+    from tasks.backends.sagemaker_training import TrainingWaitCancelled, wait_for_job
+
+    job, calls, stopped = _in_progress_job(s3_storage, moto_endpoint, tmp_path)
+    cancel = threading.Event()
+    _when_polled(calls, cancel.set)
+
+    def no_sleep(_seconds: float) -> None:  # a blind sleep would hold the stop for a poll
+        raise AssertionError("the wait slept instead of waiting on its cancel event")
+
+    with pytest.raises(TrainingWaitCancelled, match="cancelled"):
+        wait_for_job(job, timeout_s=3600, poll_s=300, log=print, sleep=no_sleep, cancel=cancel)
+    assert stopped == [job.training_job_name]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_an_interrupted_flow_stops_the_jobs_its_task_threads_wait_for(
+    s3_storage, moto_endpoint: str, tmp_path: Path
+) -> None:
+    """The retrain flow's way of waiting for SageMaker trainings, interrupted the way a
+    cancelled run is (a signal in the main thread while a task thread polls the job)."""
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.retrain import collect_remote_trainings
+    from tasks.backends.sagemaker_training import cancel_event, wait_for_job
+
+    job, calls, stopped = _in_progress_job(s3_storage, moto_endpoint, tmp_path)
+    key = f"test-{uuid.uuid4().hex}"
+
+    @task
+    def wait() -> None:
+        wait_for_job(job, timeout_s=3600, poll_s=300, log=print, cancel=cancel_event(key))
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
+    def train_remotely() -> dict[str, Any]:
+        return collect_remote_trainings({"pca": wait.submit()}, key)
+
+    main = threading.main_thread().ident
+    assert main is not None and threading.get_ident() == main
+    _when_polled(calls, lambda: signal.pthread_kill(main, signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt):
+        train_remotely()
     assert stopped == [job.training_job_name]
