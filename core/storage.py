@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ class _ParquetMixin:
     def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
         """Read one Parquet object, or every ``*.parquet`` under a prefix ending in '/'."""
         fs, base = self.arrow_fs()
-        path = posixpath.join(base, key) if base else key
+        path = posixpath.join(base, _check_key(key)) if base else _check_key(key)
         try:
             if key.endswith("/"):
                 dataset = pq.ParquetDataset(path.rstrip("/"), filesystem=fs)
@@ -160,47 +161,50 @@ class LocalStorage(_ParquetMixin):
         except OSError as exc:
             raise _local_error(exc, self.url_for(key)) from exc
 
+    @contextmanager
+    def _temp_beside(self, key: str) -> Iterator[tuple[Path, str]]:
+        """A temp file next to ``key``'s path, removed unless published. Readable by the
+        others the umask allows (mkstemp's 0600 would hide objects from a worker running
+        as another user), and write errors are StorageErrors, retried like S3's."""
+        path = self._path(key)
+        url = self.url_for(key)
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())
+            yield path, tmp
+        except OSError as exc:
+            raise StorageError(f"cannot write {url}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
     def put_file(self, key: str, local: Path, content_type: str | None = None) -> None:
         """Copy a finished local file next to the target, then rename (atomic publish)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
+        with self._temp_beside(key) as (path, tmp):
             shutil.copyfile(local, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            _write_synced(fd, data)
+        with self._temp_beside(key) as (path, tmp):
+            _write_synced(tmp, data)
             os.replace(tmp, path)  # atomic publish
             _fsync_dir(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        _write_synced(fd, data)
-        try:
-            os.link(tmp, path)  # fails if the target exists: an atomic conditional create
+        with self._temp_beside(key) as (path, tmp):
+            _write_synced(tmp, data)
+            try:
+                os.link(tmp, path)  # fails if the target exists: an atomic conditional create
+            except FileExistsError:
+                return False
             _fsync_dir(path.parent)
             return True
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
     def put_if_match(
         self, key: str, data: bytes, etag: str | None, content_type: str | None = None
@@ -256,9 +260,14 @@ class LocalStorage(_ParquetMixin):
         for key, full in sorted(found):
             try:
                 st = full.stat()
-                etag = _local_etag(full, st)
             except FileNotFoundError:  # deleted since the walk
                 continue
+            try:
+                etag = _local_etag(full, st)
+            except FileNotFoundError:
+                continue
+            except PermissionError:  # listed (as S3 lists it); reading it says why it fails
+                etag = f"unreadable-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
             yield ObjectInfo(key, st.st_size, etag, datetime.fromtimestamp(st.st_mtime, UTC))
 
     def copy(self, src: str, dst: str) -> None:
@@ -271,10 +280,25 @@ class LocalStorage(_ParquetMixin):
         return pafs.LocalFileSystem(), str(self.root)
 
 
-def _write_synced(fd: int, data: bytes) -> None:
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once: from /proc where it can be read without changing it
+    (``os.umask`` sets it, process-wide, for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_synced(path: str, data: bytes) -> None:
     """Write and fsync a temp file before it is published: after a power cut a published
     name never points at empty or partial content (a reader trusts a manifest's shards)."""
-    with os.fdopen(fd, "wb") as fh:
+    with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -12,6 +19,7 @@ from core.storage import (
     LocalStorage,
     ObjectNotFound,
     ObjectTooLarge,
+    ObjectUnreadable,
     S3Storage,
     StorageError,
     storage_from_uri,
@@ -77,6 +85,99 @@ def test_local_put_is_atomic_and_leaves_no_temp_files(local_storage: LocalStorag
     # a writer that died mid-put leaves only a hidden temp file, never listed as an object
     (local_storage.root / "d" / ".tmp-dead").write_bytes(b"partial")
     assert [o.key for o in local_storage.list("d/")] == ["d/f.bin"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_local_objects_get_the_umask_modes_not_mkstemps_owner_only(
+    local_storage: LocalStorage, tmp_path: Path
+):
+    """A worker running as another user (a shared root) must be able to read every object,
+    however it was written."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"file")
+    local_storage.put_bytes("a/bytes.bin", b"bytes")
+    local_storage.put_file("a/file.bin", source)
+    assert local_storage.put_if_absent("a/marker.json", b"{}")
+    expected = 0o666 & ~_umask()
+    for name in ("bytes.bin", "file.bin", "marker.json"):
+        assert stat.S_IMODE((local_storage.root / "a" / name).stat().st_mode) == expected, name
+
+
+def test_local_write_errors_are_storage_errors_and_leave_no_temp_file(
+    local_storage: LocalStorage,
+):
+    """A local write that fails (here: a file where a folder is needed) is a StorageError,
+    retried like S3's, and no temp file is left behind."""
+    local_storage.put_bytes("a/x.bin", b"old")
+    (local_storage.root / "a" / "sub").write_bytes(b"a file where a folder is needed")
+    for write in (
+        lambda: local_storage.put_bytes("a/sub/y.bin", b"new"),
+        lambda: local_storage.put_if_absent("a/sub/y.bin", b"new"),
+    ):
+        with pytest.raises(StorageError, match="cannot write"):
+            write()
+    assert sorted(p.name for p in (local_storage.root / "a").iterdir()) == ["sub", "x.bin"]
+
+
+def _as_another_user(work: Callable[[], list[str]]) -> list[str]:
+    """``work()`` in a forked child that, when this is root, runs as ``nobody``."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            with os.fdopen(write_end, "w") as out:
+                json.dump(work(), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as got:
+        answer = got.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, answer
+    return json.loads(answer)
+
+
+def test_an_unreadable_local_object_is_listed_and_reads_as_unreadable():
+    """One file another user cannot read must not break the listing of every list; the
+    others' objects, written by facereid, are readable. As root, the reader runs as
+    ``nobody``; otherwise the file is unreadable to this user already."""
+    root = Path(tempfile.mkdtemp(prefix="facereid-perm-"))
+    try:
+        root.chmod(0o755)
+        storage = LocalStorage(root)
+        storage.put_bytes("incoming/shared.csv", b"pair_id,image_a,image_b")
+        storage.put_bytes("incoming/private.csv", b"secret")
+        (root / "incoming" / "private.csv").chmod(0)
+
+        def list_and_read() -> list[str]:
+            seen = [o.key for o in storage.list("incoming/")]
+            seen.append(storage.get_bytes("incoming/shared.csv").decode())
+            try:
+                storage.head("incoming/private.csv")
+            except ObjectUnreadable:
+                seen.append("unreadable")
+            return seen
+
+        assert _as_another_user(list_and_read) == [
+            "incoming/private.csv",
+            "incoming/shared.csv",
+            "pair_id,image_a,image_b",
+            "unreadable",
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_parquet_round_trip_key_and_prefix(any_storage):
