@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -275,9 +276,14 @@ def write_face_shards(
             chunks.append(list(refs[s : min(s + chunk_rows, stop)]))
             chunk_shard.append(i)
     pending: dict[int, list[tuple[list[Any], Any]]] = {}
+    # closing the generator on any failure here (an upload, a changed image) tears its
+    # worker pool down at once, instead of letting it decode the rest for nobody
     results = iter_processed([[r.path for r in c] for c in chunks], params, workers)
     # one background writer overlaps upload with decoding; at most 2 shards in flight
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+    with (
+        closing(results),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer,
+    ):
         in_flight: list[Future[None]] = []
         for chunk, shard, processed in zip(chunks, chunk_shard, results, strict=True):
             for ref, sha in zip(chunk, processed.sha256, strict=True):

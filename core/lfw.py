@@ -9,6 +9,7 @@ and bakes in its own crop; our pixels come from ``models.preprocessing`` instead
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import multiprocessing
 import re
@@ -238,11 +239,19 @@ def file_sha256(path: str | Path) -> str:
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
     """(1-based line number, whitespace-split fields) of every non-blank line."""
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            fields = line.split()
-            if fields:
-                out.append((lineno, fields))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = raw.count(b"\n", 0, exc.start) + 1
+        raise ProtocolFileError(
+            f"{path}: not UTF-8 text (byte {exc.start}, line {lineno}); LFW's protocol "
+            "files are plain ASCII"
+        ) from exc
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        fields = line.split()
+        if fields:
+            out.append((lineno, fields))
     return out
 
 

@@ -152,6 +152,10 @@ def test_malformed_protocol_lines_name_file_and_line(tmp_path):
     folds.write_text("2\n1\nA\t1\n2\nB\t1\n")
     with pytest.raises(ProtocolFileError, match="fold 1 promises 2 people"):
         parse_people_folds_file(folds)
+    # saved by an editor in another encoding: the file, the byte and the line are named
+    pairs.write_bytes("1\nJos\u00e9\t1\t2\n".encode("latin-1"))
+    with pytest.raises(ProtocolFileError, match=rf"{pairs}: not UTF-8 text \(byte 5, line 2\)"):
+        parse_pairs_file(pairs)
 
 
 def test_pair_naming_a_missing_image_is_an_error(fake_lfw):
