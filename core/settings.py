@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -50,7 +53,9 @@ class Settings(BaseSettings):
     )
     sagemaker_instance_type: str = Field(default="ml.m5.xlarge")
     sagemaker_gpu_instance_type: str = Field(default="ml.g5.xlarge")
-    sagemaker_job_timeout_s: int = Field(default=6 * 3600)
+    sagemaker_job_timeout_s: int = Field(
+        default=6 * 3600, ge=60, description="Max runtime of a SageMaker job, in seconds"
+    )
     inference_precision: Precision = Field(
         default="auto",
         description=(
@@ -67,9 +72,19 @@ class Settings(BaseSettings):
     @field_validator("storage_uri")
     @classmethod
     def _check_scheme(cls, value: str) -> str:
-        if not (value.startswith("file://") or value.startswith("s3://")):
-            raise ValueError(f"storage_uri must start with file:// or s3://, got {value!r}")
-        return value.rstrip("/")
+        if value.startswith("s3://"):
+            if not value[len("s3://") :].split("/", 1)[0]:
+                raise ValueError(
+                    f"storage_uri {value!r} names no bucket (s3://bucket/prefix); is the "
+                    "variable that should hold the bucket name set?"
+                )
+            return value.rstrip("/")
+        if value.startswith("file://"):
+            path = value[len("file://") :]
+            if not path:
+                raise ValueError(f"storage_uri {value!r} names no folder (file:///abs/dir)")
+            return "file://" + (path.rstrip("/") or "/")
+        raise ValueError(f"storage_uri must start with file:// or s3://, got {value!r}")
 
     @field_validator("verify_allowed_prefixes")
     @classmethod
@@ -92,7 +107,39 @@ class Settings(BaseSettings):
         return Path(self.cache_dir).expanduser().resolve()
 
 
+# FACEREID_* variables read by the tooling (scripts, tests), not by Settings
+TOOLING_VARIABLES = frozenset(
+    {
+        "FACEREID_PREFECT_PORT",
+        "FACEREID_REAL_LFW_DATA_HOME",
+        "FACEREID_REQUIRE_SAGEMAKER",
+        "FACEREID_UPDATE_SNAPSHOTS",
+        "FACEREID_WORK_POOL",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``FACEREID_*`` names nothing reads: a typo (``FACEREID_STORAGE``) would otherwise
+    silently leave the default (``./var/storage``) in force."""
+    known = {f"FACEREID_{name.upper()}" for name in Settings.model_fields} | TOOLING_VARIABLES
+    return sorted(
+        k
+        for k in environ
+        if k.upper().startswith("FACEREID_")
+        and k.upper() not in known
+        and not k.upper().startswith("FACEREID_TEST_")
+    )
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Settings read once per process; tests call ``get_settings.cache_clear()``."""
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        warnings.warn(
+            f"ignoring unknown settings {unknown}; known: "
+            + ", ".join(f"FACEREID_{n.upper()}" for n in Settings.model_fields),
+            stacklevel=2,
+        )
     return Settings()
