@@ -13,7 +13,7 @@ import io
 import logging
 import multiprocessing
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -455,7 +455,7 @@ def iter_processed(
     chunks: Sequence[Sequence[str]],
     params: PreprocessParams = DEFAULT_PARAMS,
     workers: int = 2,
-) -> Iterator[ProcessedChunk]:
+) -> Generator[ProcessedChunk, None, None]:
     """Process chunks of paths in order, in a spawn pool when it pays off.
 
     ``spawn`` (not fork) because the caller may hold Prefect/boto threads and locks.

@@ -37,21 +37,14 @@ from core.lfw import (
     read_protocol,
 )
 from core.splits import identity_split, split_counts
-from core.storage import Storage, StorageError
+from core.storage import Storage
 from models.preprocessing import DEFAULT_PARAMS, PreprocessParams
+from tasks.io_retries import io_task
 
 N_SAMPLE_FACES = 24
 
 
-def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient storage failures only (not bad data, not bugs)."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, StorageError | ConnectionError | TimeoutError)
-
-
-IO_TASK: dict[str, Any] = dict(
-    retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE
-)
+IO_TASK = io_task(delay_s=1)
 
 
 class IngestPlan:

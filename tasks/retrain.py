@@ -18,21 +18,14 @@ from prefect.cache_policies import NO_CACHE
 
 from core import registry
 from core.dataset import latest_version, read_manifest
-from core.storage import Storage, StorageError
+from core.storage import Storage
 from tasks.backends import TrainingResult
+from tasks.io_retries import io_task
 
 REPORTS_PREFIX = "models/_reports/"
 
 
-def _retry_on_io(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient storage failures only (not bad data, not bugs)."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, StorageError | ConnectionError | TimeoutError)
-
-
-IO_TASK: dict[str, Any] = dict(
-    retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE
-)
+IO_TASK = io_task(delay_s=2)
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -138,7 +131,7 @@ def champion_seen_people(
     return {p for p, s in zip(persons, splits, strict=True) if s != "test"}
 
 
-@task(name="evaluate-champion", cache_policy=NO_CACHE)
+@task(name="evaluate-champion", **IO_TASK)
 def evaluate_champion(
     storage: Storage,
     name: str,
