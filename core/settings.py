@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     sagemaker_job_timeout_s: int = Field(
         default=6 * 3600, ge=60, description="Max runtime of a SageMaker job, in seconds"
     )
+    local_training_timeout_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="A local training script still running after this is killed (a hung "
+        "script must not hold the weekly retrain, and those queued behind it, forever)",
+    )
     inference_precision: Precision = Field(
         default="auto",
         description=(

@@ -89,7 +89,14 @@ def train_model(
         from tasks.backends.local import train_locally
 
         assert dataset_dir is not None
-        return train_locally(model, dataset_dir, hyperparameters, work_dir, log=log)
+        return train_locally(
+            model,
+            dataset_dir,
+            hyperparameters,
+            work_dir,
+            log=log,
+            timeout_s=settings.local_training_timeout_s,
+        )
     if backend == "sagemaker":
         from tasks.backends.sagemaker_training import (
             cancel_event,

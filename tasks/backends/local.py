@@ -175,6 +175,9 @@ def run_streaming(
                 tail.append(line)
                 log(line)
             code = proc.wait()
+        except BaseException:  # a failing log call, a cancelled run: the script goes too
+            proc.kill()
+            raise
         finally:
             if watchdog:
                 watchdog.cancel()

@@ -130,6 +130,25 @@ def test_timeout_kills_the_script(channel: Path, tmp_path: Path) -> None:
         )
 
 
+def test_a_failure_while_streaming_kills_the_script(channel: Path, tmp_path: Path) -> None:
+    """If reading the output fails (the log call raising; a cancelled run is the same
+    BaseException path), the script is killed, not waited for."""
+    finished = tmp_path / "finished"
+    source = write_script(
+        tmp_path / "src",
+        f"import time\nprint('started', flush=True)\ntime.sleep(20)\n"
+        f"open({str(finished)!r}, 'w').close()\n",
+    )
+
+    def failing_log(line: str) -> None:
+        if line == "started":
+            raise RuntimeError("the log sink is gone")
+
+    with pytest.raises(RuntimeError, match="log sink"):
+        train_locally("pca", channel, {}, tmp_path / "work", source_dir=source, log=failing_log)
+    assert not finished.exists()  # killed, not left to finish its sleep
+
+
 def test_s3_dataset_is_downloaded_once(s3_storage, channel: Path, tmp_path: Path) -> None:
     prefix = "datasets/lfw/v=fake0123456789ab/"
     for path in sorted(channel.rglob("*")):
