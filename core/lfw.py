@@ -136,26 +136,47 @@ def locate_lfw(
         "point FACEREID_LFW_DATA_HOME (or the data_home parameter) at a folder holding "
         "lfw_home/, or pass download_if_missing=True"
     )
-    if not download_if_missing and not lfw_home.is_dir():
-        # sklearn would create the folder before failing; a read-only mirror must stay untouched
-        raise LfwNotFoundError(f"LFW folder {lfw_home} does not exist; {hint}")
+    if not download_if_missing:
+        # checked here, without scikit-learn: it would create folders, or extract an
+        # lfw-funneled.tgz it finds and delete it, in what may be a read-only mirror
+        source = LfwSource(lfw_home)
+        _check_offline_copy(source, hint)
+        return source
     try:
         found_home, _ = _check_fetch_lfw(
             data_home=str(home), funneled=True, download_if_missing=download_if_missing
         )
-    except OSError as exc:
-        if download_if_missing:  # URLError, timeouts, checksum mismatches: a failed download
-            raise LfwError(f"could not download LFW into {lfw_home}: {exc}") from exc
-        raise LfwNotFoundError(f"{exc}; {hint}") from exc
-    except Exception as exc:  # anything else sklearn's downloader raises
+    except Exception as exc:  # URLError, timeouts, checksum mismatches, a bad archive
         raise LfwError(f"could not download LFW into {lfw_home}: {exc}") from exc
     source = LfwSource(Path(found_home))
-    if download_if_missing:
-        download_people_files(source.lfw_home, people_files_url)
+    download_people_files(source.lfw_home, people_files_url)
+    _check_offline_copy(source, hint)
+    return source
+
+
+def _check_offline_copy(source: LfwSource, hint: str) -> None:
+    """The images folder and every protocol file, each named when it is missing."""
+    lfw_home = source.lfw_home
+    if not lfw_home.is_dir():
+        raise LfwNotFoundError(f"LFW folder {lfw_home} does not exist; {hint}")
+    if not source.images_dir.is_dir():
+        others = [
+            name
+            for name in ("lfw-deepfunneled", "lfw_deepfunneled", "lfw", "lfw-funneled.tgz")
+            if (lfw_home / name).exists()
+        ]
+        found = (
+            f" ({', '.join(others)} found there: facereid reads the funneled images, "
+            f"extracted to {IMAGES_FOLDER}/, as scikit-learn's funneled=True does)"
+            if others
+            else ""
+        )
+        raise LfwNotFoundError(
+            f"LFW images folder {source.images_dir} does not exist{found}; {hint}"
+        )
     for filename, _kind in PROTOCOL_FILES.values():
         if not source.protocol_path(filename).is_file():
             raise LfwNotFoundError(f"LFW protocol file {source.protocol_path(filename)} is missing")
-    return source
 
 
 def download_people_files(

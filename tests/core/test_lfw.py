@@ -63,6 +63,20 @@ def test_locate_missing_protocol_file_names_it(tmp_path, filename):
         locate_lfw(fake.data_home, download_if_missing=False)
 
 
+def test_locate_without_the_funneled_folder_names_it_and_extracts_nothing(fake_lfw):
+    """Another alignment's folder, or an archive left next to it: the error names the
+    folder facereid reads, and the archive is neither extracted nor deleted (scikit-learn
+    would do both, in what may be a read-only mirror)."""
+    images = fake_lfw.lfw_home / "lfw_funneled"
+    images.rename(fake_lfw.lfw_home / "lfw-deepfunneled")
+    archive = fake_lfw.lfw_home / "lfw-funneled.tgz"
+    archive.write_bytes(b"not really a tarball")
+    before = _snapshot(fake_lfw.data_home)
+    with pytest.raises(LfwNotFoundError, match=r"lfw_funneled does not exist \(lfw-deepfunneled"):
+        locate_lfw(fake_lfw.data_home, download_if_missing=False)
+    assert _snapshot(fake_lfw.data_home) == before
+
+
 def test_locate_on_read_only_tree_writes_nothing(fake_lfw):
     before = _snapshot(fake_lfw.data_home)
     paths = [fake_lfw.data_home, *fake_lfw.data_home.rglob("*")]
