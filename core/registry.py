@@ -338,8 +338,9 @@ def promote_if_better(
     champion. A retry of a call whose pointer write landed returns that same decision.
     """
     metrics = get_metrics(storage, name, version)
+    own_value = gate_figure(metrics, gate_metric)  # on the full test pairs of its dataset
     if gate_value is None:
-        gate_value = gate_figure(metrics, gate_metric)
+        gate_value = own_value
     when = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
     for _attempt in range(5):
         current, etag = _read_pointer(storage, name)
@@ -351,10 +352,12 @@ def promote_if_better(
                     _put_json(storage, version_prefix(name, version) + PROMOTION, earlier)
                 return {**earlier, "pointer": current}
         if current is not None and champion_version not in (None, current["version"]):
-            # the re-evaluated figure belongs to a champion that is no longer production
+            # the re-evaluated figure belongs to a champion that is no longer production;
+            # a challenger figure on pairs reduced for that champion goes with it
             champion_value, champion_value_source = None, "recorded"
+            gate_value = own_value
         decision, pointer = _decide(
-            name, version, metrics, gate_metric, float(gate_value), current,
+            name, version, metrics, gate_metric, float(gate_value), float(own_value), current,
             champion_value, champion_value_source, when,
         )  # fmt: skip
         decision_key = version_prefix(name, version) + PROMOTION
@@ -371,6 +374,7 @@ def promote_if_better(
         # another promotion landed since we read the pointer: decide again against it; a
         # re-evaluated champion figure was for the old champion, so the recorded one is used
         champion_value, champion_value_source = None, "recorded"
+        gate_value = own_value
     reason = f"the production pointer of {name!r} kept changing; not promoted"
     decision.update(promoted=False, reason=reason)
     _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
@@ -399,12 +403,17 @@ def _decide(
     metrics: Mapping[str, Any],
     gate_metric: str,
     gate_value: float,
+    own_value: float,
     current: dict[str, Any] | None,
     champion_value: float | None,
     champion_value_source: str,
     when: str,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The decision record, and the new pointer when the challenger wins."""
+    """The decision record, and the new pointer when the challenger wins.
+
+    ``gate_value`` is compared (it may be on pairs reduced for this champion); the
+    pointer records ``own_value``, the figure on the full test pairs, which a later
+    challenger is compared with when this champion cannot be re-evaluated."""
     decision: dict[str, Any] = {
         "name": name,
         "challenger_version": version,
@@ -447,7 +456,7 @@ def _decide(
         "threshold": _threshold_of(metrics),
         "kind": (metrics.get("model") or {}).get("kind") or metrics.get("card", {}).get("kind"),
         "gate_metric": gate_metric,
-        "gate_value": gate_value,
+        "gate_value": own_value,
         "data_version": metrics.get("card", {}).get("data_version") or metrics.get("data_version"),
         "promoted_at": when,
         "previous_version": current["version"] if current else None,

@@ -275,23 +275,27 @@ def test_a_reevaluated_figure_is_only_used_against_its_own_champion(tmp_path: Pa
     assert registry.promote_if_better(storage, "pca", vb)["promoted"]  # run Y
     x_dir, x = make_model_dir(tmp_path / "x", 0.80, seed=3)
     vx = registry.register_version(storage, "pca", x_dir, x, CARD, now=T0)
-    d = registry.promote_if_better(  # run X, with A re-evaluated at 0.72
-        storage, "pca", vx, champion_value=0.72, champion_value_source="re-evaluated",
-        champion_version=va,
+    d = registry.promote_if_better(  # run X: A re-evaluated at 0.72, X at 0.95 on the people
+        storage, "pca", vx, gate_value=0.95, champion_value=0.72,  # pairs left after A's
+        champion_value_source="re-evaluated", champion_version=va,
     )  # fmt: skip
     assert not d["promoted"]
     assert (d["champion_version"], d["champion_value"], d["champion_value_source"]) == (
         vb, 0.90, "recorded"
     )  # fmt: skip
+    # B's recorded figure is on the full pairs: so is X's, not the one reduced for A
+    assert d["challenger_value"] == 0.80
     assert registry.get_production(storage, "pca")["version"] == vb
     # against the champion it was measured on, the re-evaluated figure is the bar
     y_dir, y = make_model_dir(tmp_path / "y", 0.89, seed=4)
     vy = registry.register_version(storage, "pca", y_dir, y, CARD, now=T0)
-    d = registry.promote_if_better(
-        storage, "pca", vy, champion_value=0.85, champion_value_source="re-evaluated",
-        champion_version=vb,
+    d = registry.promote_if_better(  # Y scored 0.87 on the pairs reduced for B
+        storage, "pca", vy, gate_value=0.87, champion_value=0.85,
+        champion_value_source="re-evaluated", champion_version=vb,
     )  # fmt: skip
-    assert d["promoted"] and d["champion_value"] == 0.85
+    assert d["promoted"] and (d["challenger_value"], d["champion_value"]) == (0.87, 0.85)
+    # the pointer records Y's full-pairs figure: the bar when Y cannot be re-evaluated
+    assert registry.get_production(storage, "pca")["gate_value"] == 0.89
 
 
 def test_a_promotion_whose_pointer_write_failed_is_not_recorded_as_done(tmp_path, monkeypatch):
