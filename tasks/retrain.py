@@ -346,6 +346,14 @@ def render_report(
             f"{_num(m.get('threshold'))} | {v2} | {_num(m.get('train_seconds'))} | {promoted} |"
         )
         champion = out.get("champion")
+        if champion and champion.get("challenger_test"):  # compared on reduced pairs
+            reduced = champion["challenger_test"]
+            lines.append(
+                f"| {name} (without the {champion['left_out_people']} people production "
+                f"trained on) | `{out['version']}` | {_pct(reduced.get('accuracy'))} | "
+                f"{_num(reduced.get('auc'))} | {_pct(reduced.get('tar_at_far_1e-2'))} "
+                "| | | | |"
+            )
         if champion:
             lines.append(
                 f"| {name} (production) | `{champion['version']}` | "
