@@ -344,6 +344,8 @@ def promote_if_better(
     when = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
     for _attempt in range(5):
         current, etag = _read_pointer(storage, name)
+        if current is not None and current["version"] != version:
+            _settle_decision(storage, name, current["version"])
         if current is not None and current["version"] == version:
             earlier = _read_decision(storage, name, version)
             if earlier is not None and earlier.get("promoted"):  # a retry after it landed
@@ -379,6 +381,15 @@ def promote_if_better(
     decision.update(promoted=False, reason=reason)
     _put_json(storage, version_prefix(name, version) + PROMOTION, decision)
     raise RegistryError(reason)
+
+
+def _settle_decision(storage: Storage, name: str, production_version: str) -> None:
+    """A run that died between its pointer write and the decision's update left
+    ``pointer_written: false`` next to the production version: the pointer says it landed."""
+    decision = _read_decision(storage, name, production_version)
+    if decision and decision.get("promoted") and decision.get("pointer_written") is False:
+        decision["pointer_written"] = True
+        _put_json(storage, version_prefix(name, production_version) + PROMOTION, decision)
 
 
 def _read_pointer(storage: Storage, name: str) -> tuple[dict[str, Any] | None, str | None]:

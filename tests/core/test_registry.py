@@ -321,3 +321,31 @@ def test_a_promotion_whose_pointer_write_failed_is_not_recorded_as_done(tmp_path
     assert registry.get_production(storage, "pca")["version"] == v2
     stored = json.loads(storage.get_bytes(f"models/pca/{v2}/promotion.json"))
     assert stored["pointer_written"] is True
+
+
+def test_a_run_that_died_after_its_pointer_write_is_settled_by_the_next(tmp_path, monkeypatch):
+    """The pointer landed, then the process died before promotion.json said so: the next
+    promotion decision of that name records that the pointer was written."""
+    storage = LocalStorage(tmp_path / "store")
+    d1, m1 = make_model_dir(tmp_path / "a", 0.70, seed=1)
+    v1 = registry.register_version(storage, "pca", d1, m1, CARD, now=T0)
+    registry.promote_if_better(storage, "pca", v1)
+    d2, m2 = make_model_dir(tmp_path / "b", 0.90, seed=2)
+    v2 = registry.register_version(storage, "pca", d2, m2, CARD, now=T0)
+    put_if_match = storage.put_if_match
+
+    def write_then_die(*args, **kwargs):
+        assert put_if_match(*args, **kwargs)
+        raise SystemExit("worker killed")
+
+    monkeypatch.setattr(storage, "put_if_match", write_then_die)
+    with pytest.raises(SystemExit):
+        registry.promote_if_better(storage, "pca", v2)
+    monkeypatch.undo()
+    assert registry.get_production(storage, "pca")["version"] == v2
+    decision_key = f"models/pca/{v2}/promotion.json"
+    assert json.loads(storage.get_bytes(decision_key))["pointer_written"] is False
+    d3, m3 = make_model_dir(tmp_path / "c", 0.60, seed=3)
+    v3 = registry.register_version(storage, "pca", d3, m3, CARD, now=T0)
+    assert not registry.promote_if_better(storage, "pca", v3)["promoted"]
+    assert json.loads(storage.get_bytes(decision_key))["pointer_written"] is True
