@@ -281,8 +281,8 @@ def write_face_shards(
     results = iter_processed([[r.path for r in c] for c in chunks], params, workers)
     # one background writer overlaps upload with decoding; at most 2 shards in flight
     with (
-        closing(results),
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer,
+        closing(results),  # closed first: the pool goes before the last upload is awaited
     ):
         in_flight: list[Future[None]] = []
         for chunk, shard, processed in zip(chunks, chunk_shard, results, strict=True):

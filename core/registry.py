@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import math
 import shutil
 import tarfile
@@ -28,7 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.storage import ObjectNotFound, Storage
+from core.storage import ObjectNotFound, Storage, StorageError
+
+logger = logging.getLogger(__name__)
 
 ARTIFACT = "model.tar.gz"
 METRICS = "metrics.json"
@@ -386,10 +389,14 @@ def promote_if_better(
 def _settle_decision(storage: Storage, name: str, production_version: str) -> None:
     """A run that died between its pointer write and the decision's update left
     ``pointer_written: false`` next to the production version: the pointer says it landed."""
-    decision = _read_decision(storage, name, production_version)
-    if decision and decision.get("promoted") and decision.get("pointer_written") is False:
-        decision["pointer_written"] = True
-        _put_json(storage, version_prefix(name, production_version) + PROMOTION, decision)
+    try:
+        decision = _read_decision(storage, name, production_version)
+        if decision and decision.get("promoted") and decision.get("pointer_written") is False:
+            decision["pointer_written"] = True
+            _put_json(storage, version_prefix(name, production_version) + PROMOTION, decision)
+    except (StorageError, RegistryError) as exc:  # a record to tidy: never block a decision
+        logger.warning("could not settle %s %s's promotion record: %s", name,
+                       production_version, exc)  # fmt: skip
 
 
 def _read_pointer(storage: Storage, name: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -173,7 +173,7 @@ class LocalStorage(_ParquetMixin):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~_UMASK)
             yield path, tmp
         except OSError as exc:
             raise StorageError(f"cannot write {url}: {exc}") from exc
@@ -182,11 +182,13 @@ class LocalStorage(_ParquetMixin):
                 Path(tmp).unlink(missing_ok=True)
 
     def put_file(self, key: str, local: Path, content_type: str | None = None) -> None:
-        """Copy a finished local file next to the target, then rename (atomic publish)."""
-        with self._temp_beside(key) as (path, tmp):
-            shutil.copyfile(local, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+        """Copy a finished local file next to the target, then rename (atomic publish).
+        A missing or unreadable ``local`` is the caller's OSError, not a StorageError."""
+        with open(local, "rb") as src, self._temp_beside(key) as (path, tmp):
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
 
@@ -280,10 +282,9 @@ class LocalStorage(_ParquetMixin):
         return pafs.LocalFileSystem(), str(self.root)
 
 
-@functools.cache
-def _umask() -> int:
-    """The process umask, read once: from /proc where it can be read without changing it
-    (``os.umask`` sets it, process-wide, for a moment)."""
+def _read_umask() -> int:
+    """The process umask: from /proc where it can be read without changing it (``os.umask``
+    sets it, process-wide, for a moment; done once, at import)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -293,6 +294,9 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def _write_synced(path: str, data: bytes) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +60,12 @@ def hyperparameters_for(
         }
     else:
         raise ValueError(f"unknown model {model!r}")
-    return own | dict(extra or {})
+    if not extra:
+        return own
+    # one spelling per flag: both ``mixed_precision`` and ``mixed-precision`` would reach
+    # SageMaker's driver, which does not say which of the two wins
+    spelling = entry_point_flags(model)
+    return own | {spelling.get(k, k): v for k, v in extra.items()}
 
 
 # flags the champion's re-evaluation must share with the challenger: set by the flow's own
@@ -66,12 +73,13 @@ def hyperparameters_for(
 GATE_FLAGS = frozenset({"seed", "eval-pairs", "view2-folds"})
 
 
-def entry_point_flags(model: str) -> set[str]:
-    """Flag names the model's entry point accepts (imported only to read its parser)."""
-    from models.loading import option_names
+def entry_point_flags(model: str) -> dict[str, str]:
+    """The hyperparameter flags the model's entry point accepts, each spelling -> its main
+    one (the entry point is imported only to read its parser)."""
+    from models.loading import hyperparameter_spellings
 
     entry = importlib.import_module(f"models.train_{model}")
-    return option_names(entry.build_parser())
+    return hyperparameter_spellings(entry.build_parser())
 
 
 def check_run_parameters(
@@ -87,7 +95,7 @@ def check_run_parameters(
         unknown = sorted(k for k in flags or {} if k not in known)
         if unknown:
             raise ValueError(
-                f"extra_hyperparameters[{model!r}]: {unknown} not flags of "
+                f"extra_hyperparameters[{model!r}]: {unknown} not hyperparameters of "
                 f"models/train_{model}.py (see `python -m models.train_{model} --help`)"
             )
         gate = sorted(k for k in flags or {} if k.replace("_", "-") in GATE_FLAGS)
@@ -192,7 +200,7 @@ def retrain(
     trained: dict[str, Any] = {}
     try:
         if backend == "sagemaker":
-            trained = collect_remote_trainings({m: submit(m) for m in wanted}, cancel_key)
+            trained = collect_remote_trainings(wanted, submit, cancel_key)
         else:
             for m in wanted:
                 trained[m] = _outcome(submit(m))
@@ -312,19 +320,24 @@ def _scratch(cache_dir: Path) -> Path:
 
 
 def collect_remote_trainings(
-    futures: dict[str, Any], cancel_key: str, grace_s: float = 120.0
+    models: list[str], submit: Callable[[str], Any], cancel_key: str, grace_s: float = 20.0
 ) -> dict[str, Any]:
-    """Each model's outcome. If the run is cancelled (the signal reaches this, the main
-    thread, only), the task threads are told to stop their jobs and given ``grace_s`` to
-    do so before the cancellation goes on."""
+    """Submit every model's training, then each one's outcome. If the run is cancelled
+    (the signal reaches this, the main thread, only), the task threads are told to stop
+    their jobs and given ``grace_s`` in all to do so (Prefect's runner kills the process
+    30 s after its SIGTERM)."""
     from tasks.backends.sagemaker_training import cancel_event, forget_cancel_event
 
+    futures: dict[str, Any] = {}
     try:
+        for m in models:
+            futures[m] = submit(m)
         return {m: _outcome(fut) for m, fut in futures.items()}
     except BaseException:
         cancel_event(cancel_key).set()
+        deadline = time.monotonic() + grace_s
         for fut in futures.values():
-            fut.wait(timeout=grace_s)
+            fut.wait(timeout=max(0.0, deadline - time.monotonic()))
         raise
     finally:
         forget_cancel_event(cancel_key)

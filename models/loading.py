@@ -389,9 +389,19 @@ def script_parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, allow_abbrev=False)
 
 
-def option_names(p: argparse.ArgumentParser) -> set[str]:
-    """Every spelling of every flag the parser accepts, without the leading ``--``."""
-    return {o.removeprefix("--") for a in p._actions for o in a.option_strings}
+# where the script reads and writes (SageMaker's SM_* dirs) and --help: not hyperparameters
+NOT_HYPERPARAMETERS = frozenset({"help", "model_dir", "train", "output_data_dir"})
+
+
+def hyperparameter_spellings(p: argparse.ArgumentParser) -> dict[str, str]:
+    """Every spelling of every hyperparameter flag (without ``--``) -> its main spelling
+    (the first, ``eval-pairs`` for ``eval_pairs``)."""
+    return {
+        option.removeprefix("--"): action.option_strings[0].removeprefix("--")
+        for action in p._actions
+        if action.dest not in NOT_HYPERPARAMETERS
+        for option in action.option_strings
+    }
 
 
 def parse_script_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

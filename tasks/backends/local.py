@@ -175,7 +175,8 @@ def run_streaming(
                 tail.append(line)
                 log(line)
             code = proc.wait()
-        except BaseException:  # a failing log call, a cancelled run: the script goes too
+        except BaseException:  # e.g. the log call failing: the script goes too (a cancelled
+            # run's worker kills the whole process group, this script included)
             proc.kill()
             raise
         finally:

@@ -51,7 +51,7 @@ def test_a_mistyped_setting_is_named_in_a_warning(monkeypatch) -> None:
     monkeypatch.setenv("FACEREID_TEST_S3_ENDPOINT", "http://127.0.0.1:1")  # the test tooling's
     get_settings.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"unknown settings \['FACEREID_STORAGE'\]"):
+        with pytest.warns(UserWarning, match=r"unknown settings \[[^]]*'FACEREID_STORAGE'"):
             get_settings()
     finally:
         get_settings.cache_clear()

@@ -287,6 +287,28 @@ def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
     assert registry.list_versions(storage, "pca") == []
 
 
+def test_an_extra_flag_replaces_the_flows_own_under_one_spelling() -> None:
+    """``mixed_precision`` overrides the flow's ``mixed-precision``: both spellings would
+    reach SageMaker's driver, which does not say which one wins."""
+    from flows.retrain import hyperparameters_for
+
+    common = dict(run_view2=False, eval_pairs=100, seed=0, pca_components=20)
+    flags = hyperparameters_for(
+        "siamese",
+        **common,
+        siamese_epochs=45,
+        siamese_max_train_seconds=7200,
+        siamese_mixed_precision=True,
+        extra={"mixed_precision": 0, "batch_size": 64},
+    )
+    assert flags["mixed-precision"] == 0 and flags["batch-size"] == 64
+    assert "mixed_precision" not in flags and "batch_size" not in flags
+    pca = hyperparameters_for(
+        "pca", **common, siamese_epochs=1, siamese_max_train_seconds=1, extra={"n_components": 5}
+    )
+    assert pca["n-components"] == 5 and "n_components" not in pca
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -298,9 +320,11 @@ def test_unknown_data_version_fails_clearly(storage: S3Storage) -> None:
         # a typo or an abbreviation would be dropped or expanded by the entry point's parser
         (
             {"extra_hyperparameters": {"siamese": {"mixed_precison": 1}}},
-            r"\['mixed_precison'\] not flags of models/train_siamese.py",
+            r"\['mixed_precison'\] not hyperparameters of models/train_siamese.py",
         ),
-        ({"extra_hyperparameters": {"pca": {"eval-pair": 200}}}, r"\['eval-pair'\] not flags"),
+        ({"extra_hyperparameters": {"pca": {"eval-pair": 200}}}, r"\['eval-pair'\] not hyper"),
+        # where the script writes its model is the backend's, not a hyperparameter
+        ({"extra_hyperparameters": {"pca": {"model-dir": "/tmp/x"}}}, r"\['model-dir'\] not"),
     ],
 )
 def test_parameters_that_would_skew_the_gate_are_refused(storage: S3Storage, kwargs, message):

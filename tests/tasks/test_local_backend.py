@@ -131,8 +131,8 @@ def test_timeout_kills_the_script(channel: Path, tmp_path: Path) -> None:
 
 
 def test_a_failure_while_streaming_kills_the_script(channel: Path, tmp_path: Path) -> None:
-    """If reading the output fails (the log call raising; a cancelled run is the same
-    BaseException path), the script is killed, not waited for."""
+    """If reading the output fails (here the log call raising), the script is killed, not
+    waited for."""
     finished = tmp_path / "finished"
     source = write_script(
         tmp_path / "src",

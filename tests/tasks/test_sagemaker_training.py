@@ -471,7 +471,7 @@ def test_an_interrupted_flow_stops_the_jobs_its_task_threads_wait_for(
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
     def train_remotely() -> dict[str, Any]:
-        return collect_remote_trainings({"pca": wait.submit()}, key)
+        return collect_remote_trainings(["pca"], lambda _model: wait.submit(), key)
 
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main
