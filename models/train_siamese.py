@@ -32,7 +32,7 @@ from models.loading import (  # noqa: E402
     str2bool,
     write_training_outputs,
 )
-from models.siamese import SiameseConfig, train_siamese  # noqa: E402
+from models.siamese_config import SiameseConfig  # noqa: E402
 
 
 def optional_float(value: str) -> float:
@@ -116,6 +116,8 @@ def log(message: str) -> None:
 
 
 def train(args: argparse.Namespace) -> dict:
+    from models.siamese import train_siamese  # TensorFlow: not needed to read the flags
+
     log(f"reading dataset channel {args.train}")
     data = read_channel(args.train)
     shape = (int(data.faces.shape[1]), int(data.faces.shape[2]))
