@@ -263,18 +263,23 @@ def test_promotion_is_a_compare_and_swap(any_storage, tmp_path: Path, monkeypatc
     assert again["promoted"] and again["pointer"]["version"] == va
 
 
+def registered(
+    storage: LocalStorage, tmp_path: Path, label: str, accuracy: float, seed: int
+) -> str:
+    """A version of a tiny PCA model with this test accuracy, registered (not promoted)."""
+    model_dir, metrics = make_model_dir(tmp_path / label, accuracy, seed=seed)
+    return registry.register_version(storage, "pca", model_dir, metrics, CARD, now=T0)
+
+
 def test_a_reevaluated_figure_is_only_used_against_its_own_champion(tmp_path: Path) -> None:
     """Run X re-evaluated champion A; run Y promoted a better B meanwhile: X's challenger
     must beat B's figure, not A's (it would otherwise replace a better model)."""
     storage = LocalStorage(tmp_path / "store")
-    a_dir, a = make_model_dir(tmp_path / "a", 0.70, seed=1)
-    va = registry.register_version(storage, "pca", a_dir, a, CARD, now=T0)
+    va = registered(storage, tmp_path, "a", 0.70, seed=1)
     registry.promote_if_better(storage, "pca", va)
-    b_dir, b = make_model_dir(tmp_path / "b", 0.90, seed=2)
-    vb = registry.register_version(storage, "pca", b_dir, b, CARD, now=T0)
+    vb = registered(storage, tmp_path, "b", 0.90, seed=2)
     assert registry.promote_if_better(storage, "pca", vb)["promoted"]  # run Y
-    x_dir, x = make_model_dir(tmp_path / "x", 0.80, seed=3)
-    vx = registry.register_version(storage, "pca", x_dir, x, CARD, now=T0)
+    vx = registered(storage, tmp_path, "x", 0.80, seed=3)
     d = registry.promote_if_better(  # run X: A re-evaluated at 0.72, X at 0.95 on the people
         storage, "pca", vx, gate_value=0.95, champion_value=0.72,  # pairs left after A's
         champion_value_source="re-evaluated", champion_version=va,
@@ -287,8 +292,7 @@ def test_a_reevaluated_figure_is_only_used_against_its_own_champion(tmp_path: Pa
     assert d["challenger_value"] == 0.80
     assert registry.get_production(storage, "pca")["version"] == vb
     # against the champion it was measured on, the re-evaluated figure is the bar
-    y_dir, y = make_model_dir(tmp_path / "y", 0.89, seed=4)
-    vy = registry.register_version(storage, "pca", y_dir, y, CARD, now=T0)
+    vy = registered(storage, tmp_path, "y", 0.89, seed=4)
     d = registry.promote_if_better(  # Y scored 0.87 on the pairs reduced for B
         storage, "pca", vy, gate_value=0.87, champion_value=0.85,
         champion_value_source="re-evaluated", champion_version=vb,
@@ -300,11 +304,9 @@ def test_a_reevaluated_figure_is_only_used_against_its_own_champion(tmp_path: Pa
 
 def test_a_promotion_whose_pointer_write_failed_is_not_recorded_as_done(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path / "store")
-    d1, m1 = make_model_dir(tmp_path / "a", 0.70, seed=1)
-    v1 = registry.register_version(storage, "pca", d1, m1, CARD, now=T0)
+    v1 = registered(storage, tmp_path, "a", 0.70, seed=1)
     registry.promote_if_better(storage, "pca", v1)
-    d2, m2 = make_model_dir(tmp_path / "b", 0.90, seed=2)
-    v2 = registry.register_version(storage, "pca", d2, m2, CARD, now=T0)
+    v2 = registered(storage, tmp_path, "b", 0.90, seed=2)
 
     def outage(*_args, **_kwargs):
         raise StorageError("endpoint unreachable")
@@ -327,11 +329,9 @@ def test_a_run_that_died_after_its_pointer_write_is_settled_by_the_next(tmp_path
     """The pointer landed, then the process died before promotion.json said so: the next
     promotion decision of that name records that the pointer was written."""
     storage = LocalStorage(tmp_path / "store")
-    d1, m1 = make_model_dir(tmp_path / "a", 0.70, seed=1)
-    v1 = registry.register_version(storage, "pca", d1, m1, CARD, now=T0)
+    v1 = registered(storage, tmp_path, "a", 0.70, seed=1)
     registry.promote_if_better(storage, "pca", v1)
-    d2, m2 = make_model_dir(tmp_path / "b", 0.90, seed=2)
-    v2 = registry.register_version(storage, "pca", d2, m2, CARD, now=T0)
+    v2 = registered(storage, tmp_path, "b", 0.90, seed=2)
     put_if_match = storage.put_if_match
 
     def write_then_die(*args, **kwargs):
@@ -345,7 +345,6 @@ def test_a_run_that_died_after_its_pointer_write_is_settled_by_the_next(tmp_path
     assert registry.get_production(storage, "pca")["version"] == v2
     decision_key = f"models/pca/{v2}/promotion.json"
     assert json.loads(storage.get_bytes(decision_key))["pointer_written"] is False
-    d3, m3 = make_model_dir(tmp_path / "c", 0.60, seed=3)
-    v3 = registry.register_version(storage, "pca", d3, m3, CARD, now=T0)
+    v3 = registered(storage, tmp_path, "c", 0.60, seed=3)
     assert not registry.promote_if_better(storage, "pca", v3)["promoted"]
     assert json.loads(storage.get_bytes(decision_key))["pointer_written"] is True
