@@ -93,21 +93,29 @@ def _augment_fn(config: SiameseConfig):
 
     h, w = config.face_shape
 
-    def augment(images, labels):
+    def augment(images, labels, seed):
+        # stateless draws keyed by a per-batch seed: a parallel map cannot reorder them
+        flip_s, size_s, dy_s, dx_s, contrast_s, bright_s = tf.unstack(
+            tf.random.experimental.stateless_split(seed, num=6)
+        )
+
+        def uniform(shape, s, low, high):
+            return tf.random.stateless_uniform(shape, s, low, high)
+
         n = tf.shape(images)[0]
         images = tf.where(
-            tf.random.uniform((n, 1, 1, 1)) < 0.5, tf.reverse(images, axis=[2]), images
+            uniform((n, 1, 1, 1), flip_s, 0.0, 1.0) < 0.5, tf.reverse(images, axis=[2]), images
         )
         # random zoom-in and shift as one crop-and-resize (box in normalised coordinates)
-        size = 1.0 - tf.random.uniform((n, 1), 0.0, config.zoom)
-        dy = tf.random.uniform((n, 1), -config.shift, config.shift) + (1.0 - size) / 2
-        dx = tf.random.uniform((n, 1), -config.shift, config.shift) + (1.0 - size) / 2
+        size = 1.0 - uniform((n, 1), size_s, 0.0, config.zoom)
+        dy = uniform((n, 1), dy_s, -config.shift, config.shift) + (1.0 - size) / 2
+        dx = uniform((n, 1), dx_s, -config.shift, config.shift) + (1.0 - size) / 2
         boxes = tf.concat([dy, dx, dy + size, dx + size], axis=1)
         images = tf.image.crop_and_resize(
             images, boxes, tf.range(n), (h, w), extrapolation_value=0.0
         )
-        contrast = tf.random.uniform((n, 1, 1, 1), 1 - config.contrast, 1 + config.contrast)
-        bright = tf.random.uniform((n, 1, 1, 1), -config.brightness, config.brightness)
+        contrast = uniform((n, 1, 1, 1), contrast_s, 1 - config.contrast, 1 + config.contrast)
+        bright = uniform((n, 1, 1, 1), bright_s, -config.brightness, config.brightness)
         return images * contrast + bright, labels
 
     return augment
@@ -192,11 +200,17 @@ def train_siamese(
         f"{config.min_images_per_identity} images each), {config.to_dict()}"
     )
     steps_per_epoch = max(1, math.ceil(len(x) / config.batch_size))
-    ds = (
+    batches = (
         tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32)))
         .shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
-        .map(_augment_fn(config), num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    # one augmentation seed per batch, a new stream every epoch, the same for the same seed
+    batch_seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True)
+    augment = _augment_fn(config)
+    ds = (
+        tf.data.Dataset.zip(batches, batch_seeds.batch(2))
+        .map(lambda batch, seed: augment(*batch, seed), num_parallel_calls=tf.data.AUTOTUNE)
         .map(lambda a, b: ((a, b), b))
         .prefetch(tf.data.AUTOTUNE)
     )

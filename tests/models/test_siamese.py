@@ -99,8 +99,9 @@ def test_save_then_load_with_safe_mode_in_a_fresh_process(tmp_path, trained, dat
 
 def test_mixed_precision_training_serves_in_float32(data):
     """bfloat16 training keeps float32 variables; the served model computes in float32.
-    Training is seeded, so a float32 run repeats exactly; the mixed run computed in
-    bfloat16 (its weights differ), so the flag is not silently ignored."""
+    Training is seeded (augmentation draws included), so two float32 runs agree up to the
+    kernels' round-off; the mixed run computed in bfloat16, so its weights differ by far
+    more than that and the flag is not silently ignored."""
     faces, labels, _ = data
 
     def train(mixed: bool) -> SiameseEmbedder:
@@ -110,12 +111,13 @@ def test_mixed_precision_training_serves_in_float32(data):
     def weights(m: SiameseEmbedder) -> list[np.ndarray]:
         return m.model.get_layer("tower").get_weights()
 
+    def max_gap(x: SiameseEmbedder, y: SiameseEmbedder) -> float:
+        return max(float(np.abs(a - b).max()) for a, b in zip(weights(x), weights(y), strict=True))
+
     model, fp32_a, fp32_b = train(True), train(False), train(False)
-    assert all(np.array_equal(a, b) for a, b in zip(weights(fp32_a), weights(fp32_b), strict=True))
-    assert any(
-        not np.allclose(a, b, atol=1e-3)
-        for a, b in zip(weights(model), weights(fp32_a), strict=True)
-    )
+    round_off, mixed_gap = max_gap(fp32_a, fp32_b), max_gap(model, fp32_a)
+    assert round_off < 1e-4, round_off
+    assert mixed_gap > 1e-3 and mixed_gap > 100 * round_off, (mixed_gap, round_off)
     policies = {layer.dtype_policy.name for layer in model.model.get_layer("tower").layers}
     assert policies == {"float32"}
     emb = model.embed(faces[:4])
