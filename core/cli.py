@@ -180,8 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="ingest -> retrain -> verify on the configured storage")
-    p.add_argument("--siamese-epochs", type=int, default=8)
-    p.add_argument("--siamese-max-train-seconds", type=int, default=900)
+    p.add_argument(
+        "--siamese-epochs", type=int, default=8, help="Siamese training epochs (default: 8)"
+    )
+    p.add_argument(
+        "--siamese-max-train-seconds",
+        type=int,
+        default=900,
+        help="Siamese training budget in seconds; dominates the demo's duration (default: 900)",
+    )
     p.add_argument(
         "--view2",
         type=model_list,
@@ -201,9 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", type=model_list, default=["pca", "siamese"], help="comma list: pca,siamese"
     )
-    p.add_argument("--backend", choices=["local", "sagemaker"], default=None)
-    p.add_argument("--siamese-epochs", type=int, default=None)
-    p.add_argument("--siamese-max-train-seconds", type=int, default=None)
+    p.add_argument(
+        "--backend",
+        choices=["local", "sagemaker"],
+        default=None,
+        help="where training runs (default: FACEREID_BACKEND, else local)",
+    )
+    p.add_argument(
+        "--siamese-epochs", type=int, default=None, help="Siamese training epochs (default: 20)"
+    )
+    p.add_argument(
+        "--siamese-max-train-seconds",
+        type=int,
+        default=None,
+        help="Siamese training budget in seconds (default: 1800)",
+    )
     p.add_argument(
         "--siamese-mixed-precision",
         action="store_true",

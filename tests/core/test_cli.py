@@ -39,6 +39,23 @@ def test_model_lists_are_normalised() -> None:
     assert (args.models, args.view2) == (["siamese", "pca"], [])
 
 
+def test_retrain_help_states_the_flows_own_defaults() -> None:
+    """The CLI leaves unset options to the flow; its help quotes the flow's defaults."""
+    import inspect
+
+    from flows.retrain import retrain
+
+    defaults = inspect.signature(retrain.fn).parameters
+    code, out, _ = cli("retrain", "--help")
+    help_text = " ".join(out.split())
+    assert code == 0
+    for option, parameter in (
+        ("--siamese-epochs", "siamese_epochs"),
+        ("--siamese-max-train-seconds", "siamese_max_train_seconds"),
+    ):
+        assert f"(default: {defaults[parameter].default})" in help_text.split(option)[-1], option
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_verify_without_a_promoted_model_is_an_error_not_a_traceback(
     local_storage, settings_env, tmp_path
