@@ -10,7 +10,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from core.ledger import INCOMING, is_processed
+from core.ledger import INCOMING, is_processed, read_entry
 from core.pairlists import is_pair_list, list_format, list_stem, validate_pair_list
 from core.storage import ObjectNotFound, valid_key
 
@@ -94,9 +94,7 @@ def drop_pair_list(
 def latest_result_key(storage: Any, list_stem: str) -> str:
     """Key of the newest ``results/<list_stem>/<run-id>.parquet`` (a list in a sub-folder
     of ``incoming/`` keeps it: ``incoming/team/night.csv`` -> stem ``team/night``)."""
-    list_stem = list_stem.strip("/")
-    if not list_stem or not valid_key(list_stem) or list_stem == ".":
-        raise ValueError(f"invalid list stem {list_stem!r}")
+    list_stem = _check_stem(list_stem)
     prefix = f"results/{list_stem}/"
     found = [
         i
@@ -108,15 +106,60 @@ def latest_result_key(storage: Any, list_stem: str) -> str:
     return max(found, key=lambda i: (i.last_modified, i.key)).key
 
 
+def _check_stem(list_stem: str) -> str:
+    list_stem = list_stem.strip("/")
+    if not list_stem or not valid_key(list_stem) or list_stem == ".":
+        raise ValueError(f"invalid list stem {list_stem!r}")
+    return list_stem
+
+
+def current_result_key(storage: Any, stem: str) -> tuple[str, str | None]:
+    """The results of the list now in ``incoming/`` under this stem, as its ledger entry
+    names them, else the newest results, with a note saying why.
+
+    Newest alone can be wrong: re-dropping an earlier version's exact bytes is not verified
+    again (the ledger has it), so the newest results belong to another version; two runs
+    verifying one version leave two results files, and the ledger names the one that counts.
+    """
+    stem = _check_stem(stem)
+    folder = INCOMING + (stem.rsplit("/", 1)[0] + "/" if "/" in stem else "")
+    lists = [
+        i
+        for i in storage.list(folder)
+        if "/" not in i.key[len(folder) :] and is_pair_list(i.key) and list_stem(i.key) == stem
+    ]
+    note = None
+    if len(lists) == 1:
+        entry = read_entry(storage, lists[0].key, lists[0].etag)
+        result_key = (entry or {}).get("result_key")
+        if result_key and storage.exists(result_key):
+            return result_key, None
+        note = (
+            f"{lists[0].key} has not been verified in its current version yet; these are "
+            "the newest results, of an earlier version"
+            if entry is None
+            else f"the results the ledger names for {lists[0].key} are gone; these are the newest"
+        )
+    elif len(lists) > 1:
+        note = (
+            f"{len(lists)} lists in incoming/ share the stem {stem!r} "
+            f"({', '.join(i.key for i in lists)}); these are the newest results of any of them"
+        )
+    return latest_result_key(storage, stem), note
+
+
 def fetch_latest_results(storage: Any, list_stem: str, dest: Path | str) -> Path:
-    """Download the newest results of a list (Parquet + CSV twin) into ``dest``.
+    """Download the results of a list's current version (the newest results when the
+    ledger has none for it; a note says so) into ``dest``: Parquet + CSV twin.
 
     Returns the local Parquet path; the CSV lands beside it.
     """
-    list_stem = list_stem.strip("/")
+    list_stem = _check_stem(list_stem)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    key = latest_result_key(storage, list_stem)
+    key, note = current_result_key(storage, list_stem)
+    if note:
+        print(f"note: {note}")
     run_id = key.rsplit("/", 1)[-1].removesuffix(".parquet")
     out = dest / f"{list_stem.replace('/', '_')}-{run_id}.parquet"
     out.write_bytes(storage.get_bytes(key))

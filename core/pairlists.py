@@ -151,6 +151,7 @@ class _ChunkBuilder:
     def __init__(self, has_label: bool):
         self.has_label = has_label
         self.seen_ids: set[int] = set()  # 64-bit hashes: ~30 MB for a million ids
+        self.default_ids: set[int] = set()  # those that are row numbers of blank pair_ids
         self.next_row = 0
         self._reset()
 
@@ -182,14 +183,22 @@ class _ChunkBuilder:
                 errors.append(f"{name} is empty")
         key = hash(pid)
         if key in self.seen_ids:
-            errors.append(
-                f"pair_id is blank and its default, the row number {pid}, is already used as "
-                "a pair_id: give this row an id"
-                if defaulted
-                else f"duplicate pair_id {pid[:80]!r}"
-            )
+            if defaulted:
+                errors.append(
+                    f"pair_id is blank and its default, the row number {pid}, is already used "
+                    "as a pair_id: give this row an id"
+                )
+            elif key in self.default_ids:
+                errors.append(
+                    f"pair_id {pid[:80]!r} is already the default id of row {pid[:80]}, whose "
+                    "pair_id is blank: give that row an id"
+                )
+            else:
+                errors.append(f"duplicate pair_id {pid[:80]!r}")
         else:
             self.seen_ids.add(key)
+            if defaulted:
+                self.default_ids.add(key)
         self.rows.append(row)
         self.ids.append(pid)
         self.a.append(a)
@@ -213,8 +222,13 @@ class _ChunkBuilder:
         return chunk
 
 
+def _column_name(column: str) -> str:
+    """A header cell as the user meant it: spaces and a byte-order mark dropped."""
+    return column.strip().lstrip("\ufeff").strip()
+
+
 def _check_header(columns: list[str], source: str) -> dict[str, int]:
-    names = [c.strip().lstrip("\ufeff") for c in columns]
+    names = [_column_name(c) for c in columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         raise PairListError(
@@ -315,7 +329,7 @@ def _iter_parquet(path: Path, chunk_rows: int, source: str) -> Iterator[PairChun
     builder = _ChunkBuilder(has_label="label" in cols)
     try:
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=names):
-            data = {n.strip(): batch.column(n).to_pylist() for n in names}
+            data = {_column_name(n): batch.column(n).to_pylist() for n in names}
             n = batch.num_rows
             ids = data.get("pair_id", [None] * n)
             labels = data.get("label", [None] * n)

@@ -500,7 +500,14 @@ def fetch_model_dir(
     dest = Path(cache_dir) / name / version
     if (dest / "model.json").is_file():
         return dest
-    data = storage.get_bytes(artifact_key or version_prefix(name, version) + ARTIFACT)
+    key = artifact_key or version_prefix(name, version) + ARTIFACT
+    try:
+        data = storage.get_bytes(key)
+    except ObjectNotFound as exc:  # not worth a retry: the registry itself is damaged
+        raise RegistryError(
+            f"{name} {version}: its artifact {storage.url_for(key)} is missing (deleted by "
+            "hand?); promote another version or retrain"
+        ) from exc
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
     try:

@@ -20,6 +20,7 @@ from tasks.verify import (
     check_list_key,
     check_pair_list_task,
     find_pending_lists,
+    ledger_entry_task,
     load_production_model_task,
     local_embed_unique,
     make_job,
@@ -55,7 +56,8 @@ def verify_pairs(
         where the CPU/GPU has it natively), ``float32`` or ``bfloat16``; None =
         settings.inference_precision (default auto). PCA ignores it.
 
-    Returns {"processed": [...ledger entries], "rejected": [...], "failed": [...]}.
+    Returns {"processed": [...ledger entries], "verified_elsewhere": [...lists another run
+    recorded while this one ran], "rejected": [...], "failed": [...]}.
     A bad list is rejected and the run goes on; infrastructure failures on a list are
     collected and the run fails at the end, after every other list was attempted.
     """
@@ -75,7 +77,13 @@ def verify_pairs(
         region=settings.aws_region,
     )
     pending = find_pending_lists(storage, list_key)
-    out: dict[str, Any] = {"processed": [], "rejected": [], "failed": [], "backend": backend}
+    out: dict[str, Any] = {
+        "processed": [],
+        "verified_elsewhere": [],
+        "rejected": [],
+        "failed": [],
+        "backend": backend,
+    }
     if not pending:
         logger.info("no unprocessed pair lists under %s", storage.url_for("incoming/"))
         return out
@@ -117,6 +125,12 @@ def verify_pairs(
     else:
         embed_unique = local_embed_unique(storage, embedder, max_concurrency, batch_size)
     for info in pending:
+        # the nightly and an on-drop run can both hold a list: the ledger is re-read per
+        # list so that one finished by the other meanwhile is not verified a second time
+        done = ledger_entry_task(storage, info)
+        if done is not None:
+            _verified_elsewhere(info, done, out, logger)
+            continue
         job = make_job(info, pointer)
         try:
             entry = verify_pair_list(
@@ -139,15 +153,40 @@ def verify_pairs(
             continue
         entry["precision"] = effective_precision  # the ledger says how the scores were made
         try:
-            record_in_ledger_task(storage, job, entry)
+            recorded = record_in_ledger_task(storage, job, entry)
+            done = None if recorded else ledger_entry_task(storage, info)
         except Exception as exc:
             logger.error("results of %s published, ledger write failed: %s", info.key, exc)
             out["failed"].append({"list_key": info.key, "error": f"ledger: {exc}"})
+            continue
+        if done is not None and done.get("result_key") != entry["result_key"]:
+            # lost the put-if-absent to a run verifying the same version concurrently
+            _verified_elsewhere(info, done, out, logger, ours=entry["result_key"])
             continue
         out["processed"].append({"list_key": info.key, "etag": info.etag, **entry})
     if out["failed"]:
         raise RuntimeError(f"{len(out['failed'])} list(s) failed: {out['failed']}")
     return out
+
+
+def _verified_elsewhere(
+    info: Any, done: dict[str, Any], out: dict[str, Any], logger: Any, ours: str | None = None
+) -> None:
+    """Another run recorded this list version: its results are the list's results."""
+    theirs = done.get("result_key")
+    if ours:
+        logger.warning(
+            "%s was verified by another run at the same time; the ledger keeps that run's "
+            "results (%s), this run's copy at %s is not the list's record",
+            info.key,
+            theirs,
+            ours,
+        )
+    else:
+        logger.info("skipping %s: another run verified it meanwhile (%s)", info.key, theirs)
+    out["verified_elsewhere"].append(
+        {"list_key": info.key, "etag": info.etag, "result_key": theirs}
+    )
 
 
 def _reject_unparseable(storage: Any, pending: list[Any], out: dict[str, Any], logger: Any) -> None:

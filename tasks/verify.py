@@ -847,6 +847,14 @@ def reject_pair_list(storage: Any, info: ObjectInfo, error: str) -> str:
     return reject(storage, info, error)
 
 
+@task(name="check_ledger", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def ledger_entry_task(storage: Any, info: ObjectInfo) -> dict[str, Any] | None:
+    """The ledger entry of this list version, if a run recorded one (None: unverified)."""
+    from core.ledger import read_entry
+
+    return read_entry(storage, info.key, info.etag)
+
+
 @task(name="record_in_ledger", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def record_in_ledger_task(storage: Any, job: ListJob, entry: dict[str, Any]) -> bool:
     return record_in_ledger(storage, job, entry)

@@ -65,6 +65,14 @@ def test_csv_rows_and_every_kind_of_bad_row(tmp_path):
     assert (report.rows, report.invalid_rows, report.labelled) == (9, 5, True)
 
 
+def test_an_explicit_id_equal_to_an_earlier_blank_rows_default_says_so(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_text("pair_id,image_a,image_b\n,a.jpg,b.jpg\n0,c.jpg,d.jpg\n")
+    rows = _rows(path, "csv")
+    assert rows[0][1] == "0" and rows[0][5] == ""
+    assert "'0' is already the default id of row 0, whose pair_id is blank" in rows[1][5]
+
+
 def test_chunks_are_bounded(tmp_path):
     path = tmp_path / "big.csv"
     path.write_text("image_a,image_b\n" + "images/a.jpg,images/b.jpg\n" * 2500)
@@ -156,6 +164,9 @@ def test_parquet_lists(tmp_path):
     bad.write_bytes(b"PAR1 not really")
     with pytest.raises(PairListError, match="not a readable Parquet"):
         list(iter_pair_chunks(bad, "parquet"))
+    bom = tmp_path / "bom.parquet"  # a header cell exported with a byte-order mark
+    pq.write_table(pa.table({"\ufeffimage_a": ["images/a.jpg"], " image_b": ["b.jpg"]}), bom)
+    assert [r[2:4] for r in _rows(bom, "parquet")] == [("images/a.jpg", "b.jpg")]
     nocol = tmp_path / "nocol.parquet"
     pq.write_table(pa.table({"a": [1]}), nocol)
     with pytest.raises(PairListError, match="missing required"):

@@ -201,6 +201,9 @@ def test_load_production_model_downloads_once_and_embeds(any_storage, tmp_path: 
     any_storage.delete(pointer["artifact_key"])
     pointer2, embedder2 = registry.load_production_model(any_storage, "pca", tmp_path / "cache")
     np.testing.assert_allclose(embedder2.embed(faces), emb, rtol=1e-6)
+    # without the cache, the deleted artifact is a registry error (not retried as I/O)
+    with pytest.raises(registry.RegistryError, match="artifact .* is missing"):
+        registry.load_production_model(any_storage, "pca", tmp_path / "empty-cache")
 
 
 def test_malformed_pointer_is_a_clear_error(tmp_path: Path) -> None:

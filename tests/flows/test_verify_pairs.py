@@ -639,3 +639,109 @@ def test_face_in_a_larger_photo_still_verifies(
     still = [i for i in verified if r[f"photo-{i}"]["same_person"]]
     # measured with the PCA above: 10 of 13 (the photo crop scores ~0.05 lower on average)
     assert len(still) >= 0.7 * len(verified), (len(still), len(verified))
+
+
+def test_lists_another_run_records_meanwhile_are_not_verified_twice(
+    local_storage, settings_env, pca_model_dir, monkeypatch
+):
+    """The nightly and an on-drop run can both hold a list. ``b``: the other run finished it
+    before this one got to it, so it is skipped. ``c``: both verified it and the other (with
+    another model version) recorded first; the ledger keeps that one. ``d``: this run's own
+    ledger write landed but its response was lost; the retry finds its own entry."""
+    import flows.verify_pairs as flow_module
+    import tasks.verify as verify_tasks
+    from core.ledger import record_processed
+    from core.storage import StorageError
+
+    storage = local_storage
+    settings_env(storage)
+    _promote(storage, pca_model_dir)
+    for image in range(2):
+        storage.put_bytes(f"uploads/c{image}.jpg", _face_bytes(5, image))
+    body = _csv([["image_a", "image_b"], ["uploads/c0.jpg", "uploads/c1.jpg"]])
+    for name in "abcd":
+        storage.put_bytes(f"incoming/{name}.csv", body)
+
+    def other_run_records(key: str) -> str:
+        info = storage.head(key)
+        theirs = f"results/{key[9:-4]}/other-run.parquet"
+        assert record_processed(storage, info.key, info.etag, {"result_key": theirs})
+        return theirs
+
+    real_find, real_record = flow_module.find_pending_lists, verify_tasks.record_in_ledger
+    theirs: dict[str, str] = {}
+
+    def find_then_b_is_done_elsewhere(*args, **kwargs):
+        pending = real_find(*args, **kwargs)
+        theirs["incoming/b.csv"] = other_run_records("incoming/b.csv")
+        return pending
+
+    lost_response: list[str] = []
+
+    def record(storage_, job, entry):
+        if job.info.key == "incoming/c.csv" and "incoming/c.csv" not in theirs:
+            theirs["incoming/c.csv"] = other_run_records("incoming/c.csv")
+        if job.info.key == "incoming/d.csv" and not lost_response:
+            lost_response.append(job.info.key)
+            assert real_record(storage_, job, entry)  # landed, then the response is lost
+            raise StorageError("connection reset after the write")
+        return real_record(storage_, job, entry)
+
+    monkeypatch.setattr(flow_module, "find_pending_lists", find_then_b_is_done_elsewhere)
+    monkeypatch.setattr(verify_tasks, "record_in_ledger", record)
+    out = _run()
+    assert [p["list_key"] for p in out["processed"]] == ["incoming/a.csv", "incoming/d.csv"]
+    assert lost_response == ["incoming/d.csv"]
+    assert [(e["list_key"], e["result_key"]) for e in out["verified_elsewhere"]] == [
+        ("incoming/b.csv", theirs["incoming/b.csv"]),
+        ("incoming/c.csv", theirs["incoming/c.csv"]),
+    ]
+    assert list(storage.list("results/b/")) == []  # skipped: nothing embedded or written
+    assert [i.key for i in storage.list("results/c/")] != []  # verified, but not the record
+    for name in "bc":
+        info = storage.head(f"incoming/{name}.csv")
+        assert read_entry(storage, info.key, info.etag)["result_key"] == theirs[info.key]
+    monkeypatch.undo()
+    assert _run()["processed"] == []
+
+
+def test_results_are_those_of_the_list_version_now_in_incoming(
+    local_storage, settings_env, pca_model_dir, tmp_path
+):
+    """Re-dropping an earlier version's exact bytes is not verified again; ``facereid
+    results`` then returns that version's results, not the newest file."""
+    import contextlib
+
+    from core.cli_verify import drop_pair_list, fetch_latest_results
+
+    storage = local_storage
+    settings_env(storage)
+    _promote(storage, pca_model_dir)
+    for image in range(2):
+        storage.put_bytes(f"uploads/d{image}.jpg", _face_bytes(6, image))
+    local = tmp_path / "night.csv"
+
+    def drop(pair_id: str) -> str:
+        local.write_text(f"pair_id,image_a,image_b\n{pair_id},uploads/d0.jpg,uploads/d1.jpg\n")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            drop_pair_list(storage, local)
+        return out.getvalue()
+
+    def fetch() -> tuple[list[str], str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            path = fetch_latest_results(storage, "night", tmp_path / "dl")
+        return pq.read_table(path).column("pair_id").to_pylist(), out.getvalue()
+
+    drop("v1")
+    assert len(_run()["processed"]) == 1
+    drop("v2")
+    assert len(_run()["processed"]) == 1
+    assert fetch() == (["v2"], "")
+    assert "verified already" in drop("v1")
+    assert _run()["processed"] == []
+    assert fetch() == (["v1"], "")  # the newest file is v2's
+    drop("v3")
+    ids, note = fetch()
+    assert ids == ["v2"] and "has not been verified in its current version yet" in note
