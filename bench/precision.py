@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path, default=None, help="default: the bench's fold model")
     p.add_argument("--lfw-home", type=Path, default=DEFAULT_LFW)
     p.add_argument("--cache-dir", type=Path, default=ROOT / "var" / "cache" / "bench")
-    p.add_argument("--tag", default="siamese_e30_t1200.0_", help="bench.accuracy result dir")
+    p.add_argument(
+        "--tag",
+        default="siamese_e45_tNone_{mixed_precision:true}_calho",
+        help="bench.accuracy config whose kept fold model to load (default: the 45-epoch "
+        "bfloat16 recipe; the README's figures came from siamese_e30_t1200.0_)",
+    )
     args = p.parse_args(argv)
     model_dir = args.model_dir or kept_fold_model(args.tag, args.fold)
     if not (model_dir / "model.keras").exists():

@@ -11,8 +11,8 @@ processed (ledger) nor announced yet, creates ``events/announced/<key>/<etag>.js
 
 The conditional create makes the announcement at-most-once even with overlapping polls;
 an event lost in transit is covered by the nightly ``verify_pairs`` run, which does not
-depend on events. The automation in prefect.yaml runs ``verify_pairs`` with
-``list_key={{ event.payload.list_key }}``.
+depend on events. The automation in prefect.yaml runs ``verify_pairs`` with the list key
+taken from the resource id and ``storage_uri`` from the payload.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def announce_new_lists(storage: Any, max_events: int = 100) -> list[dict[str, An
 def poll_incoming(storage_uri: str | None = None, max_events: int = 100) -> dict[str, Any]:
     """Emit ``facereid.pair-list.dropped`` once per new list version under incoming/.
 
-    Parameters: storage_uri overrides settings.storage_uri; max_events caps one poll.
+    Args:
+      storage_uri: override settings.storage_uri (file://... or s3://bucket/prefix).
+      max_events: most events one poll emits; the rest wait for the next poll.
     """
     settings = get_settings()
     storage = storage_from_uri(

@@ -43,7 +43,11 @@ def verify_pairs(
 ) -> dict[str, Any]:
     """Verify every unprocessed list under incoming/ (oldest first), or only ``list_key``.
 
-    Parameters (all optional, for manual runs from the UI):
+    A bad list is rejected and the run goes on; infrastructure failures on a list are
+    collected and the run fails at the end, after every other list was attempted. All
+    parameters are optional, for manual runs from the UI.
+
+    Args:
       list_key: one key such as ``incoming/my-pairs.csv``; None = all unprocessed lists.
       model_name: a registered model name, or ``auto`` = the promoted model with the best
         gate figure.
@@ -56,10 +60,9 @@ def verify_pairs(
         where the CPU/GPU has it natively), ``float32`` or ``bfloat16``; None =
         settings.inference_precision (default auto). PCA ignores it.
 
-    Returns {"processed": [...ledger entries], "verified_elsewhere": [...lists another run
-    recorded while this one ran], "rejected": [...], "failed": [...]}.
-    A bad list is rejected and the run goes on; infrastructure failures on a list are
-    collected and the run fails at the end, after every other list was attempted.
+    Returns:
+      {"processed": [...ledger entries], "verified_elsewhere": [...lists another run
+      recorded while this one ran], "rejected": [...], "failed": [...]}.
     """
     logger = get_run_logger()
     settings = get_settings()

@@ -94,11 +94,18 @@ def test_prefect_yaml_deploys_every_deployment_with_schedules(deployed: PrefectS
     ]
     assert found["ingest-lfw"].schedules == []
     assert found["verify-pairs-on-drop"].schedules == []
-    # the run form: parameters documented in the schema the UI renders
+    # the run form: every parameter described in the schema the UI renders
     ingest_params = found["ingest-lfw"].parameter_openapi_schema["properties"]
     assert {"data_home", "download_if_missing"} <= set(ingest_params)
     verify_params = found["verify-pairs-nightly"].parameter_openapi_schema["properties"]
     assert {"list_key", "precision"} <= set(verify_params)
+    undescribed = [
+        (name, param)
+        for name, deployment in found.items()
+        for param, spec in deployment.parameter_openapi_schema["properties"].items()
+        if not spec.get("description")
+    ]
+    assert undescribed == []
     check_weekly_siamese_recipe(found["retrain-models"].parameters)
 
 
