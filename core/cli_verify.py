@@ -31,7 +31,7 @@ def check_results_folder_free(storage: Any, key: str) -> None:
     ``results/night/`` and ``facereid results night`` could return the other's results."""
     stem = list_stem(key)
     folder = key.rsplit("/", 1)[0] + "/"
-    siblings = (i.key for i in storage.list(folder) if "/" not in i.key[len(folder) :])
+    siblings = (k for k in storage.list_keys(folder) if "/" not in k[len(folder) :])
     for other in siblings:
         if other != key and is_pair_list(other) and list_stem(other) == stem:
             raise FileExistsError(

@@ -250,7 +250,7 @@ def write_face_shards(
 
     stats = stats if stats is not None else FaceStats()
     bounds = shard_bounds(len(refs), shard_rows or SHARD_ROWS)
-    existing = {info.key for info in storage.list(faces_prefix(version))}
+    existing = set(storage.list_keys(faces_prefix(version)))
     todo = [i for i in range(len(bounds)) if shard_key(version, i) not in existing]
     done_images = 0
     for i, (start, stop) in enumerate(bounds):

@@ -101,7 +101,7 @@ def pending_lists(storage: Any, prefix: str = INCOMING) -> Iterator[ObjectInfo]:
 
     The ledger is listed once (a LIST call per 1,000 entries on S3) rather than looked up
     per list, so a poll every few minutes stays cheap however many lists were verified."""
-    recorded = {info.key for info in storage.list(PROCESSED + prefix)}
+    recorded = set(storage.list_keys(PROCESSED + prefix))
     for info in incoming_lists(storage, prefix):
         if ledger_key(info.key, info.etag) not in recorded:
             yield info

@@ -272,8 +272,8 @@ def list_versions(storage: Storage, name: str) -> list[str]:
     """Complete versions (those with a metrics.json), oldest first."""
     prefix = model_prefix(name)
     out = set()
-    for info in storage.list(prefix):
-        parts = info.key[len(prefix) :].split("/")
+    for key in storage.list_keys(prefix):
+        parts = key[len(prefix) :].split("/")
         if len(parts) == 2 and parts[1] == METRICS and not parts[0].startswith("_"):
             out.add(parts[0])
     return sorted(out)

@@ -90,6 +90,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def head(self, key: str) -> ObjectInfo: ...
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+    def list_keys(self, prefix: str) -> Iterator[str]: ...
     def copy(self, src: str, dst: str) -> None: ...
     def delete(self, key: str) -> None: ...
     def url_for(self, key: str) -> str: ...
@@ -244,12 +245,12 @@ class LocalStorage(_ParquetMixin):
             raise _local_error(exc, self.url_for(key)) from exc
         return ObjectInfo(key, st.st_size, etag, datetime.fromtimestamp(st.st_mtime, UTC))
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Objects under ``prefix`` in lexicographic key order, like S3's ListObjectsV2."""
+    def _walk(self, prefix: str) -> builtins.list[tuple[str, Path]]:
+        """(key, path) of the files under ``prefix``, in lexicographic key order."""
         base = self.root / prefix if prefix else self.root
         start = base if base.is_dir() else base.parent
         if not start.exists():
-            return
+            return []
         found: list[tuple[str, Path]] = []
         for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
@@ -259,7 +260,15 @@ class LocalStorage(_ParquetMixin):
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     found.append((key, full))
-        for key, full in sorted(found):
+        return sorted(found)
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        """The keys ``list`` yields, without the stat and MD5 an ETag costs locally."""
+        return (key for key, _ in self._walk(prefix))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects under ``prefix`` in lexicographic key order, like S3's ListObjectsV2."""
+        for key, full in self._walk(prefix):
             try:
                 st = full.stat()
             except FileNotFoundError:  # deleted since the walk
@@ -549,6 +558,9 @@ class S3Storage(_ParquetMixin):
                     )
         except Exception as exc:
             raise self._wrap(exc, prefix) from exc
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        return (info.key for info in self.list(prefix))
 
     def copy(self, src: str, dst: str) -> None:
         try:

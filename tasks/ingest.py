@@ -89,7 +89,7 @@ class IngestPlan:
 @task(**IO_TASK)
 def check_storage(storage: Storage) -> None:
     """Fail fast (naming the endpoint) before any heavy work if storage is unreachable."""
-    next(iter(storage.list(ds.DATASET_ROOT)), None)
+    next(iter(storage.list_keys(ds.DATASET_ROOT)), None)
 
 
 def _retry_on_download(task_: Any, task_run: Any, state: Any) -> bool:

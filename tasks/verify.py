@@ -78,9 +78,9 @@ def find_production_pointers(storage: Any) -> list[dict[str, Any]]:
 
     names = sorted(
         {
-            info.key.split("/")[1]
-            for info in storage.list("models/")
-            if info.key.count("/") == 2 and info.key.endswith("/production.json")
+            key.split("/")[1]
+            for key in storage.list_keys("models/")
+            if key.count("/") == 2 and key.endswith("/production.json")
         }
     )
     return [p for p in (get_production(storage, n) for n in names) if p is not None]

@@ -59,10 +59,10 @@ def materialise_dataset(storage: Any, version: str, cache_dir: Path) -> Path:
     if (dest / "manifest.json").is_file():
         return dest
     keys = [
-        info.key
+        key
         for sub in DATASET_DIRS
-        for info in storage.list(prefix + sub)
-        if info.key.endswith(".parquet")
+        for key in storage.list_keys(prefix + sub)
+        if key.endswith(".parquet")
     ]
     if not storage.exists(prefix + "manifest.json"):
         raise FileNotFoundError(f"dataset {storage.url_for(prefix)} is not complete")

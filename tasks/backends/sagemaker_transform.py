@@ -378,11 +378,11 @@ def clear_previous_job(storage: Any, plan: TransformInput) -> None:
     run could take for finished, and no stale shard is embedded again."""
     storage.delete(plan.done_key)
     wanted = {f"{plan.input_prefix}{name}" for name, _ in plan.shards}
-    for info in list(storage.list(plan.prefix)):
-        if info.key.startswith(plan.output_prefix) or (
-            info.key.startswith(plan.input_prefix) and info.key not in wanted
+    for key in list(storage.list_keys(plan.prefix)):
+        if key.startswith(plan.output_prefix) or (
+            key.startswith(plan.input_prefix) and key not in wanted
         ):
-            storage.delete(info.key)
+            storage.delete(key)
 
 
 def embed_with_transform(

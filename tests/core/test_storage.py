@@ -36,6 +36,8 @@ def test_put_get_head_list_copy_delete(any_storage):
     assert s.head("a/b/y.bin").size == 3
     assert [o.key for o in s.list("a/")] == ["a/b/y.bin", "a/x.bin"]
     assert {o.key for o in s.list("")} == {"a/x.bin", "a/b/y.bin", "ab/z.bin"}
+    for prefix in ("a/", "a", "", "ab/z", "missing/"):
+        assert list(s.list_keys(prefix)) == [o.key for o in s.list(prefix)], prefix
     s.copy("a/x.bin", "c/x.bin")
     assert s.get_bytes("c/x.bin") == b"one"
     s.delete("c/x.bin")
@@ -328,3 +330,18 @@ def test_s3_parquet_read_failure_is_a_storage_error_naming_the_object(tmp_path, 
     )  # nobody listens
     with pytest.raises(StorageError, match=r"cannot read s3://bucket/root/ds/part-0\.parquet"):
         s3.read_parquet("ds/part-0.parquet")
+
+
+def test_local_key_listing_reads_no_content(local_storage, monkeypatch):
+    """Listing keys (the ledger, the registry, dataset shards) must not hash every file."""
+    import core.storage
+
+    local_storage.put_bytes("models/pca/v1/model.tar.gz", b"x" * 1000)
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+
+    monkeypatch.setattr(core.storage, "_md5_file", no_hashing)
+    assert list(local_storage.list_keys("models/")) == ["models/pca/v1/model.tar.gz"]
+    with pytest.raises(AssertionError, match="hashed"):
+        list(local_storage.list("models/"))  # the ETag of a fresh file is its MD5
