@@ -332,15 +332,17 @@ def collect_remote_trainings(
     try:
         for m in models:
             futures[m] = submit(m)
-        return {m: _outcome(fut) for m, fut in futures.items()}
+        outcomes = {m: _outcome(fut) for m, fut in futures.items()}
     except BaseException:
+        # the event stays registered, set: a task the interrupt caught mid-submit (not in
+        # ``futures``) still finds it set when it starts waiting, and stops its job
         cancel_event(cancel_key).set()
         deadline = time.monotonic() + grace_s
         for fut in futures.values():
             fut.wait(timeout=max(0.0, deadline - time.monotonic()))
         raise
-    finally:
-        forget_cancel_event(cancel_key)
+    forget_cancel_event(cancel_key)
+    return outcomes
 
 
 def _outcome(future: Any) -> Any:

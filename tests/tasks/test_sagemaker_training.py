@@ -313,11 +313,17 @@ def test_wait_timeout_stops_the_job(s3_storage, moto_endpoint: str, tmp_path: Pa
 
 
 def record_stops(boto_session: Any) -> list[str]:
-    """The names of the jobs StopTrainingJob is called for, as the calls are built."""
+    """The names of the jobs StopTrainingJob is called for, as the calls are built. The
+    call is answered as SageMaker answers it for a running job: moto's jobs complete at
+    once, and its StopTrainingJob fails with a 500 that botocore retries for a minute."""
     stopped: list[str] = []
     boto_session.events.register(
         "before-parameter-build.sagemaker.StopTrainingJob",
         lambda params, **_: stopped.append(params["TrainingJobName"]),
+    )
+    boto_session.events.register(
+        "before-call.sagemaker.StopTrainingJob",
+        lambda **_: (AWSResponse("https://sagemaker.invalid", 200, {}, None), {}),
     )
     return stopped
 
@@ -418,11 +424,15 @@ def _in_progress_job(s3_storage, moto_endpoint: str, tmp_path: Path):
 
 
 def _when_polled(calls: list[str], action: Any) -> threading.Thread:
-    """Run ``action`` once the wait has polled the job after its creation (10 s at most)."""
+    """Run ``action`` once the wait has polled the job after its creation, and only then:
+    an interrupt sent earlier could land before the flow waits on its tasks. With no poll
+    in 120 s nothing is sent, and the test's own wait timeout fails it."""
 
     def go() -> None:
-        deadline = time.monotonic() + 10
-        while len(calls) < 2 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while len(calls) < 2:
+            if time.monotonic() > deadline:
+                return
             time.sleep(0.05)
         action()
 
@@ -467,7 +477,8 @@ def test_an_interrupted_flow_stops_the_jobs_its_task_threads_wait_for(
 
     @task
     def wait() -> None:
-        wait_for_job(job, timeout_s=3600, poll_s=300, log=print, cancel=cancel_event(key))
+        # a missed interrupt fails the test after the timeout instead of hanging it
+        wait_for_job(job, timeout_s=60, poll_s=120, log=print, cancel=cancel_event(key))
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
     def train_remotely() -> dict[str, Any]:
