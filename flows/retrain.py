@@ -188,6 +188,9 @@ def retrain(
     }
 
     cancel_key = f"{flow_run.get_id() or 'local'}-{uuid.uuid4().hex}"
+    # the code the trainings start from: a checkout updated during an hour-long training
+    # must not relabel the model cards with the commit it reached by registration time
+    commit = git_commit(Path(__file__).resolve().parent.parent)
 
     def submit(m: str) -> Any:
         return train_model.with_options(name=f"train-{m}").submit(
@@ -216,6 +219,7 @@ def retrain(
             seed,
             gate_metric,
             cache_dir,
+            commit,
         )
     finally:
         shutil.rmtree(work_root, ignore_errors=True)  # artifacts are in the registry now
@@ -260,11 +264,11 @@ def _register_and_promote(
     seed: int,
     gate_metric: str,
     cache_dir: Path,
+    commit: str,
 ) -> dict[str, dict[str, Any]]:
     """Per trained model: re-evaluate the champion, register, promote if better."""
     logger = get_run_logger()
     version = str(manifest["version"])
-    commit = git_commit(Path(__file__).resolve().parent.parent)
     outcomes: dict[str, dict[str, Any]] = {}
     for m in wanted:
         result = trained[m]
