@@ -1,7 +1,8 @@
 """Siamese inference in float32 vs bfloat16 on a trained View 2 fold model.
 
 Scores all 6,000 View 2 pairs with the fold's saved model in both precisions (threshold
-fitted on the other nine folds, figures on the model's own fold, as in ``bench.accuracy``)
+fitted as ``bench.accuracy`` fitted it for that config: on the other nine folds, or on
+fold k+1 for a ``--held-out-calibration`` one; figures on the model's own fold)
 and prints accuracy, AUC, TAR@FAR, embedding speed and how far the two agree. Train and
 keep a fold model first:
 
@@ -64,12 +65,23 @@ def main(argv: list[str] | None = None) -> None:
     ids, faces = load_faces(args.lfw_home, args.cache_dir)
     row_of = {iid: r for r, iid in enumerate(ids)}
     _, pairs = protocol_view2(args.lfw_home)
-    print(f"model {model_dir}, fold {args.fold}, bfloat16 native: {bfloat16_supported()}")
+    # the calibration the model was evaluated with: a held-out config (``_calho``) never
+    # trained on fold (k+1) % 10, whose pairs then fit the threshold
+    calibration_fold = (args.fold + 1) % 10 if args.tag.endswith("_calho") else None
+    calibrated_on = (
+        "the other folds' pairs"
+        if calibration_fold is None
+        else f"fold {calibration_fold}'s pairs (held out)"
+    )
+    print(
+        f"model {model_dir}, fold {args.fold}, threshold on {calibrated_on}, "
+        f"bfloat16 native: {bfloat16_supported()}"
+    )
     out, embeddings = {}, {}
     for precision in ("float32", "bfloat16"):
         timed = _Timed(SiameseEmbedder.load(model_dir, precision=precision))
         dim = timed.model.embedding_dim
-        res = score_view2_fold(timed, faces, row_of, pairs, args.fold)
+        res = score_view2_fold(timed, faces, row_of, pairs, args.fold, calibration_fold)
         embeddings[precision] = timed.last
         out[precision] = {
             "accuracy": round(res["accuracy"], 5),
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (model_dir / MODEL_JSON).exists():  # servable by bench/verify.py --model-dir
         trained_by = {"trained_by": f"bench.accuracy {args.tag} fold {args.fold}"}
         write_model_json(model_dir, "siamese", fp32["threshold"], dim, trained_by)
-        print(f"wrote {model_dir / MODEL_JSON} (threshold fitted on the other folds' pairs)")
+        print(f"wrote {model_dir / MODEL_JSON} (threshold fitted on {calibrated_on})")
 
 
 if __name__ == "__main__":
