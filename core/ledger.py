@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -75,7 +76,12 @@ def record_processed(storage: Any, list_key: str, etag: str, entry: dict[str, An
 def mark_announced(storage: Any, list_key: str, etag: str) -> bool:
     """True the first time a list version is announced, False ever after."""
     data = json.dumps(
-        {"list_key": list_key, "etag": etag, "announced_at": datetime.now(UTC).isoformat()}
+        {
+            "list_key": list_key,
+            "etag": etag,
+            "announced_at": datetime.now(UTC).isoformat(),
+            "poller": uuid.uuid4().hex,  # the body is this poller's alone (see S3Storage._holds)
+        }
     ).encode()
     return bool(storage.put_if_absent(announced_key(list_key, etag), data))
 

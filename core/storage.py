@@ -497,10 +497,21 @@ class S3Storage(_ParquetMixin):
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
-                return False
+                return self._holds(key, data)
             raise self._wrap(exc, key) from exc
         except Exception as exc:
             raise self._wrap(exc, key) from exc
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """After a failed condition: whether ``key`` holds exactly ``data``. When the
+        response to a conditional write is lost, botocore resends it and the resend fails
+        the condition against our own landed write; the bytes tell. Callers write bodies
+        unique to the writer (a timestamp, a token), or identical content (a pair list
+        dropped twice), for which two "winners" lose nothing."""
+        try:
+            return self.get_bytes(key, max_bytes=len(data)) == data
+        except StorageError:  # gone, bigger than ours, unreadable: not our write
+            return False
 
     def put_if_match(
         self, key: str, data: bytes, etag: str | None, content_type: str | None = None
@@ -523,7 +534,7 @@ class S3Storage(_ParquetMixin):
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "NoSuchKey"):
-                return False
+                return self._holds(key, data)
             raise self._wrap(exc, key) from exc
         except Exception as exc:
             raise self._wrap(exc, key) from exc

@@ -64,6 +64,35 @@ def test_put_if_absent_creates_once(any_storage):
     assert s.get_bytes("lock/one") == b"first"
 
 
+def test_a_conditional_write_whose_response_was_lost_still_wins(s3_storage, moto_endpoint):
+    """The write lands, its response is lost, botocore resends it and the resend fails the
+    condition against our own write: still a success. Another writer's body is a loss."""
+    import boto3
+    from botocore.exceptions import ReadTimeoutError
+
+    s = s3_storage
+    raw = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+    lost: list[str] = []
+
+    def land_then_lose_the_response(request, **_):
+        if not lost and request.method == "PUT":
+            key = request.url.split(f"/{s.bucket}/", 1)[1].split("?", 1)[0]
+            raw.put_object(Bucket=s.bucket, Key=key, Body=request.body)  # the write lands
+            lost.append(key)
+            raise ReadTimeoutError(endpoint_url=request.url)  # botocore retries the PUT
+
+    s.client.meta.events.register("before-send.s3.PutObject", land_then_lose_the_response)
+    assert s.put_if_absent("events/marker.json", b"mine") is True
+    assert lost == ["root/events/marker.json"]
+    assert s.put_if_absent("events/marker.json", b"mine, again") is False  # not ours
+
+    etag = s.head("events/marker.json").etag
+    lost.clear()
+    assert s.put_if_match("events/marker.json", b"replaced", etag) is True
+    assert lost and s.get_bytes("events/marker.json") == b"replaced"
+    assert s.put_if_match("events/marker.json", b"other", etag) is False  # stale etag
+
+
 def test_put_if_absent_has_one_winner_under_contention(any_storage):
     s = any_storage
     wins: list[bool] = []
