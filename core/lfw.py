@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import re
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -481,6 +482,9 @@ def iter_processed(
 
     ``spawn`` (not fork) because the caller may hold Prefect/boto threads and locks.
     Results come back in input order, so the caller can write while workers keep going.
+    When the caller stops early (its upload failed), the chunks not started are cancelled
+    and the pool shuts down once the running ones finish: killing a worker instead
+    (``Pool.terminate``) can cut a result mid-write and hang the pool's reader for good.
     """
     work = partial(process_images, params=params)
     if workers <= 1 or len(chunks) <= 1:
@@ -488,5 +492,10 @@ def iter_processed(
             yield work(chunk)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes=workers) as pool:
-        yield from pool.imap(work, chunks, chunksize=1)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    try:
+        futures = [pool.submit(work, chunk) for chunk in chunks]
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
