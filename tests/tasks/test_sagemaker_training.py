@@ -486,7 +486,13 @@ def test_an_interrupted_flow_stops_the_jobs_its_task_threads_wait_for(
 
     main = threading.main_thread().ident
     assert main is not None and threading.get_ident() == main
-    _when_polled(calls, lambda: signal.pthread_kill(main, signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt):
-        train_remotely()
+    # pytest started as a background job of a non-interactive shell (`.ci/run &`) inherits
+    # SIGINT ignored, and Python then keeps it ignored: give Ctrl-C its usual meaning here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _when_polled(calls, lambda: signal.pthread_kill(main, signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt):
+            train_remotely()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped == [job.training_job_name]
