@@ -57,6 +57,17 @@ def _promote(storage, model_dir, name="pca", accuracy=0.9) -> dict:
     return promote_if_better(storage, name, version)["pointer"]
 
 
+def _two_uploads(storage, settings_env, model_dir, name: str, person: int) -> tuple[str, str]:
+    """Settings on ``storage``, a promoted PCA model, and two images of one person at
+    ``uploads/<name>0.jpg`` and ``uploads/<name>1.jpg`` (their keys)."""
+    settings_env(storage)
+    _promote(storage, model_dir)
+    keys = (f"uploads/{name}0.jpg", f"uploads/{name}1.jpg")
+    for image, key in enumerate(keys):
+        storage.put_bytes(key, _face_bytes(person, image))
+    return keys
+
+
 def _write_lfw_dataset(storage) -> None:
     """A minimal ingested dataset (contract layout) with two images of one person."""
     from core.dataset import LATEST_KEY, manifest_key, shard_key
@@ -445,10 +456,7 @@ def _only_run_id(storage) -> str:
 def test_named_list_and_local_storage(local_storage, settings_env, pca_model_dir):
     """``list_key`` processes one list; the same flow runs on a local storage root."""
     storage = local_storage
-    settings_env(storage)
-    _promote(storage, pca_model_dir)
-    for image in range(2):
-        storage.put_bytes(f"uploads/a{image}.jpg", _face_bytes(3, image))
+    _two_uploads(storage, settings_env, pca_model_dir, "a", 3)
     body = _csv([["image_a", "image_b"], ["uploads/a0.jpg", "uploads/a1.jpg"]])
     storage.put_bytes("uploads/huge.jpg", b"\xff" * (20 * 1024 * 1024 + 1))  # > max_bytes
     storage.put_bytes("incoming/one.csv", body)
@@ -521,10 +529,7 @@ def test_drop_poll_verify_fetch(local_storage, settings_env, pca_model_dir, tmp_
     from flows.poll_incoming import poll_incoming
 
     storage = local_storage
-    settings_env(storage)
-    _promote(storage, pca_model_dir)
-    for image in range(2):
-        storage.put_bytes(f"uploads/b{image}.jpg", _face_bytes(4, image))
+    _two_uploads(storage, settings_env, pca_model_dir, "b", 4)
     bad = tmp_path / "bad.csv"
     bad.write_text("left,right\nuploads/b0.jpg,uploads/b1.jpg\n")
     with pytest.raises(PairListError, match="missing required column"):
@@ -654,10 +659,7 @@ def test_lists_another_run_records_meanwhile_are_not_verified_twice(
     from core.storage import StorageError
 
     storage = local_storage
-    settings_env(storage)
-    _promote(storage, pca_model_dir)
-    for image in range(2):
-        storage.put_bytes(f"uploads/c{image}.jpg", _face_bytes(5, image))
+    _two_uploads(storage, settings_env, pca_model_dir, "c", 5)
     body = _csv([["image_a", "image_b"], ["uploads/c0.jpg", "uploads/c1.jpg"]])
     for name in "abcd":
         storage.put_bytes(f"incoming/{name}.csv", body)
@@ -715,10 +717,7 @@ def test_results_are_those_of_the_list_version_now_in_incoming(
     from core.cli_verify import drop_pair_list, fetch_latest_results
 
     storage = local_storage
-    settings_env(storage)
-    _promote(storage, pca_model_dir)
-    for image in range(2):
-        storage.put_bytes(f"uploads/d{image}.jpg", _face_bytes(6, image))
+    _two_uploads(storage, settings_env, pca_model_dir, "d", 6)
     local = tmp_path / "night.csv"
 
     def drop(pair_id: str) -> str:
