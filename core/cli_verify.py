@@ -30,14 +30,23 @@ def check_results_folder_free(storage: Any, key: str) -> None:
     """Refuse ``night.csv`` while ``night.parquet`` is in incoming/: both would write to
     ``results/night/`` and ``facereid results night`` could return the other's results."""
     stem = list_stem(key)
-    folder = key.rsplit("/", 1)[0] + "/"
-    siblings = (k for k in storage.list_keys(folder) if "/" not in k[len(folder) :])
-    for other in siblings:
-        if other != key and is_pair_list(other) and list_stem(other) == stem:
+    for other in lists_with_stem(storage, stem):
+        if other != key:
             raise FileExistsError(
                 f"{storage.url_for(other)} already writes its results to results/{stem}/; "
                 "name this list differently (--name)"
             )
+
+
+def lists_with_stem(storage: Any, stem: str) -> list[str]:
+    """Keys of the pair lists in ``incoming/`` whose results folder is ``results/<stem>/``
+    (``night.csv`` and ``night.parquet`` share one), listed without reading them."""
+    folder = INCOMING + (stem.rsplit("/", 1)[0] + "/" if "/" in stem else "")
+    return [
+        k
+        for k in storage.list_keys(folder)
+        if "/" not in k[len(folder) :] and is_pair_list(k) and list_stem(k) == stem
+    ]
 
 
 def drop_pair_list(
@@ -122,28 +131,26 @@ def current_result_key(storage: Any, stem: str) -> tuple[str, str | None]:
     verifying one version leave two results files, and the ledger names the one that counts.
     """
     stem = _check_stem(stem)
-    folder = INCOMING + (stem.rsplit("/", 1)[0] + "/" if "/" in stem else "")
-    lists = [
-        i
-        for i in storage.list(folder)
-        if "/" not in i.key[len(folder) :] and is_pair_list(i.key) and list_stem(i.key) == stem
-    ]
+    lists = lists_with_stem(storage, stem)
     note = None
     if len(lists) == 1:
-        entry = read_entry(storage, lists[0].key, lists[0].etag)
+        try:
+            entry = read_entry(storage, lists[0], storage.head(lists[0]).etag)
+        except ObjectNotFound:  # removed since the listing: as if never there
+            entry = None
         result_key = (entry or {}).get("result_key")
         if result_key and storage.exists(result_key):
             return result_key, None
         note = (
-            f"{lists[0].key} has not been verified in its current version yet; these are "
+            f"{lists[0]} has not been verified in its current version yet; these are "
             "the newest results, of an earlier version"
             if entry is None
-            else f"the results the ledger names for {lists[0].key} are gone; these are the newest"
+            else f"the results the ledger names for {lists[0]} are gone; these are the newest"
         )
     elif len(lists) > 1:
         note = (
             f"{len(lists)} lists in incoming/ share the stem {stem!r} "
-            f"({', '.join(i.key for i in lists)}); these are the newest results of any of them"
+            f"({', '.join(lists)}); these are the newest results of any of them"
         )
     return latest_result_key(storage, stem), note
 
